@@ -1,0 +1,42 @@
+# moeflow: `make demo` runs the whole tiny pipeline; `make test` runs every test. Both install first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moeflow-installed
+# Quiet, offline-friendly defaults for the embedded Prefect API and MLflow.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export PREFECT_LOGGING_LEVEL ?= WARNING
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench image clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependency list changes; constraints.txt pins every version (torch to the CPU wheel).
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing moeflow and its pinned dependencies into $(VENV) (first time: a few minutes)..."
+	@$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import torch, prefect, mlflow, transformers" || { echo "install failed"; exit 1; }
+	@touch $@
+
+demo: install
+	$(BIN)/moeflow pipeline --preset tiny
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python -m bench
+
+image:
+	docker build -f infra/docker/Dockerfile -t moeflow-job:$$(git rev-parse --short HEAD) .
+
+clean:
+	rm -rf .moeflow

@@ -1,0 +1,85 @@
+"""Jobs: what a stage run needs (`JobSpec`), what it returns (`StageResult`), and who runs it (`Launcher`).
+
+Only URIs cross process boundaries: a job gets its config by URI and leaves its `StageResult` (JSON) at
+`spec.result_uri`, which the launcher reads back from storage once the process or pod has finished.
+A launcher backend (local subprocess / torchrun, Kubernetes Job) implements `Launcher.run`; flows only
+ever see this interface, so a new backend drops in without changing them.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LogFn = Callable[[str], None]
+
+
+class Resources(BaseModel):
+    """Compute a job asks for. `procs_per_node > 1` or `nodes > 1` runs the stage under torchrun."""
+
+    model_config = ConfigDict(extra="forbid")
+    cpus: float = Field(1.0, gt=0, description="CPU cores per node (Kubernetes request/limit)")
+    memory_gb: float = Field(4.0, gt=0, description="memory per node in GiB")
+    gpus: int = Field(0, ge=0, description="GPUs per node (nvidia.com/gpu)")
+    procs_per_node: int = Field(1, ge=1, description="processes per node (torchrun --nproc-per-node)")
+    nodes: int = Field(1, ge=1, description="number of nodes (torchrun --nnodes)")
+
+
+class JobSpec(BaseModel):
+    """Everything a launcher needs to run `moeflow-job <stage> --config <config_uri>`."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: str = Field(description="stage name, e.g. 'prep' or 'pretrain'")
+    name: str = Field(description="job name, unique per stage run (DNS-1123 friendly)")
+    config_uri: str = Field(description="URI of the JSON job config the job reads")
+    result_uri: str = Field(description="URI where the job writes its StageResult JSON")
+    resources: Resources = Field(default_factory=Resources)
+    image: str | None = Field(None, description="container image (Kubernetes backend)")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment (no secrets)")
+    timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of the job")
+    labels: dict[str, str] = Field(default_factory=dict, description="e.g. prefect flow-run / mlflow run ids")
+
+
+class StageResult(BaseModel):
+    """What a finished stage leaves behind: output URIs, metrics and lineage."""
+
+    stage: str
+    outputs: dict[str, str] = Field(default_factory=dict, description="output name -> URI")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    lineage: dict[str, Any] = Field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    seconds: float = 0.0
+    cached: bool = Field(False, description="True when the output already existed and nothing ran")
+
+
+class JobFailed(RuntimeError):
+    """A job exited non-zero, timed out or was cancelled; the message carries its last log lines."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None, log_tail: list[str] | None = None):
+        self.exit_code = exit_code
+        self.log_tail = list(log_tail or [])
+        tail = "\n".join(self.log_tail)
+        super().__init__(f"{message}\n--- last log lines ---\n{tail}" if tail else message)
+
+
+class Launcher(abc.ABC):
+    """Runs a JobSpec to completion and returns the job's StageResult read back from storage."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def run(
+        self,
+        spec: JobSpec,
+        *,
+        on_log: LogFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> StageResult:
+        """Run the job; stream each log line to `on_log`; stop it when `cancel` is set.
+
+        Raises `JobFailed` (with the last log lines) on a non-zero exit, a timeout or a cancellation.
+        """

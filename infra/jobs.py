@@ -83,3 +83,10 @@ class Launcher(abc.ABC):
 
         Raises `JobFailed` (with the last log lines) on a non-zero exit, a timeout or a cancellation.
         """
+
+
+# Exit codes of `moeflow-job` (the Kubernetes podFailurePolicy fails the Job fast on the last two).
+EXIT_OK = 0
+EXIT_FAILED = 1  # crash or lost resources: worth retrying
+EXIT_BAD_INPUT = 3  # invalid config or data: retrying cannot help
+EXIT_DIVERGED = 4  # non-finite loss or gradients beyond the allowed skips

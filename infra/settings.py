@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     experiment: str = Field("moeflow", description="MLflow experiment name")
     launcher: Literal["local", "kubernetes"] = Field("local", description="where stage jobs run")
     prefect_api_url: str | None = Field(None, description="Prefect API; None = ephemeral in-process API")
+    mlflow_ui_url: str = Field("http://127.0.0.1:5000", description="where users open the MLflow UI (links)")
+    prefect_ui_url: str = Field("http://127.0.0.1:4200", description="where users open the Prefect UI (links)")
     s3: S3Settings = Field(default_factory=S3Settings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
 

@@ -1,0 +1,55 @@
+"""The `prep` stage: raw text + generated problems -> a published, tokenised, packed dataset.
+
+Runs inside `moeflow-job prep`: builds the dataset in a scratch directory, publishes it atomically
+(files, then the SHA-256 manifest) under the stage's content-addressed location, and logs statistics,
+sample documents and a document-length histogram to the job's MLflow run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from components.data.config import PrepConfig
+from components.data.errors import PrepError
+from infra import storage
+from infra.stages import ConfigError, StageContext, StageOutput
+
+Config = PrepConfig
+
+
+def input_uris(cfg: PrepConfig) -> dict[str, str]:
+    return {f"source{i}": s.uri for i, s in enumerate(cfg.sources)}
+
+
+def _numeric(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in stats.items():
+        if isinstance(v, dict):
+            out.update(_numeric(v, f"{prefix}{k}."))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def run(cfg: PrepConfig, ctx: StageContext) -> StageOutput:
+    from components.data import pipeline
+
+    out_dir = ctx.workdir / "dataset"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        stats = pipeline.prepare_dataset(cfg, out_dir)
+    except PrepError as exc:  # bad input: fail fast, publish nothing
+        raise ConfigError(str(exc)) from exc
+    dataset_uri = storage.join_uri(ctx.output_uri, "dataset")
+    storage.publish_dir(out_dir, dataset_uri, meta={"kind": "dataset", "lineage": ctx.lineage})
+
+    metrics = _numeric(stats)
+    ctx.tracker.log_metrics(metrics)
+    ctx.tracker.log_dict(stats, "stats.json")
+    hist = ctx.workdir / "doc_length_histogram.png"
+    pipeline.plot_length_histogram(stats, hist)
+    ctx.tracker.log_artifact(hist, "plots")
+    ctx.tracker.log_text(pipeline.sample_documents(out_dir), "samples.txt")
+    headline = {k: v for k, v in metrics.items() if k.startswith(("tokens", "documents", "vocab"))}
+    return StageOutput(outputs={"dataset": dataset_uri}, metrics=headline, extra={"stats": stats})

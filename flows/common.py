@@ -1,0 +1,101 @@
+"""What every flow shares: the retried `run_stage` task and the parent MLflow run of a flow.
+
+Flows only orchestrate: `run_stage` plans a stage (validates its config, derives the content-addressed
+output location), returns at once when that output already exists, otherwise hands a `JobSpec` to the
+configured launcher and waits. A retried task lands on the same output location, so a stage that
+checkpoints (pretraining, RL, distillation) resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact
+from prefect.runtime import flow_run
+
+from infra import storage
+from infra.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, JobFailed, JobSpec, Resources, StageResult
+from infra.launch import get_launcher
+from infra.settings import get_settings
+from infra.stages import ConfigError, cached_result, job_payload, plan_stage
+from infra.tracking import PARENT_RUN_ENV, Tracker, create_run, run_url
+
+NOT_RETRIED_EXIT_CODES = {EXIT_BAD_INPUT, EXIT_DIVERGED}
+
+
+def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry crashes; never retry invalid input or a diverged run (retrying cannot help)."""
+    try:
+        state.result()
+    except ConfigError:
+        return False
+    except JobFailed as exc:
+        return exc.exit_code not in NOT_RETRIED_EXIT_CODES
+    except Exception:
+        return True
+    return False
+
+
+def _echo(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@task(task_run_name="{stage}", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_bad_input)
+def run_stage(stage: str, config: dict[str, Any], parent_run_id: str | None = None,
+              resources: Resources | None = None, timeout_s: float | None = None) -> StageResult:
+    """Run one stage as a job (or return its cached result); the job's log lines stream to stderr
+    and to the Prefect task-run log."""
+    settings = get_settings()
+    logger = get_run_logger()
+    plan = plan_stage(stage, config, settings)
+    cached = cached_result(plan)
+    if cached is not None:
+        logger.info("%s: output already exists at %s (cached)", stage, plan.output_uri)
+        _echo(f"[{stage}] cached: {plan.output_uri}")
+        return cached
+    storage.write_json(plan.job_config_uri, job_payload(plan, parent_run_id=parent_run_id,
+                                                        flow_run_id=flow_run.id))
+    spec = JobSpec(
+        stage=stage, name=plan.job_name, config_uri=plan.job_config_uri, result_uri=plan.result_uri,
+        resources=resources or Resources(), timeout_s=timeout_s,
+        env={PARENT_RUN_ENV: parent_run_id} if parent_run_id else {},
+        labels={"moeflow/stage": stage, "prefect/flow-run-id": str(flow_run.id or ""),
+                "mlflow/parent-run-id": parent_run_id or ""},
+    )
+    job_log = logging.getLogger(f"moeflow.job.{stage}")
+
+    def on_log(line: str) -> None:
+        _echo(line)
+        job_log.debug(line)
+
+    launcher = get_launcher(settings)
+    _echo(f"[{stage}] running as job {spec.name} ({launcher.name} launcher)")
+    return launcher.run(spec, on_log=on_log)
+
+
+@contextlib.contextmanager
+def parent_run(name: str, params: dict[str, Any] | None = None) -> Iterator[Tracker]:
+    """The flow's MLflow run (parent of every job's run), linked both ways with the Prefect flow run."""
+    settings = get_settings()
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
+            "prefect.flow_run_url": f"{settings.prefect_ui_url.rstrip('/')}/runs/flow-run/{flow_run.id}"}
+    tracker = create_run(name, tags=tags, settings=settings)
+    if params:
+        tracker.log_params(params)
+    try:
+        create_link_artifact(key="mlflow-run", link=run_url(tracker.run_id, settings),
+                             link_text=f"MLflow run {tracker.run_id}",
+                             description=f"MLflow parent run of this {name} flow run")
+    except Exception as exc:  # the link is a convenience; never fail a flow for it
+        logging.getLogger(__name__).warning("could not create the MLflow link artifact: %s", exc)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        tracker.end(status)

@@ -1,0 +1,43 @@
+"""The data-prep flow: one typed config in (a form in the Prefect UI), a published dataset out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from components.data.config import PrepConfig
+from flows.common import parent_run, run_stage
+from infra import storage
+from infra.jobs import StageResult
+
+
+@flow(name="prep", description="Prepare a tokenised, packed dataset (with held-out evaluation tasks).")
+def prep_flow(config: PrepConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    with parent_run("prep", params=data) as parent:
+        result = run_stage("prep", data, parent.run_id)
+        summary = summarize(result)
+        parent.log_metrics(result.metrics)
+        parent.set_tags({"moeflow.dataset_uri": summary["dataset_uri"]})
+    summary["parent_run_id"] = parent.run_id
+    return summary
+
+
+def summarize(result: StageResult) -> dict[str, Any]:
+    """The CLI's JSON: dataset URI, the job's MLflow run, and the dataset statistics."""
+    dataset_uri = result.outputs["dataset"]
+    stats = storage.read_json(storage.join_uri(dataset_uri, "stats.json"))
+    return {"dataset_uri": dataset_uri, "mlflow_run_id": result.mlflow_run_id, "cached": result.cached,
+            "stats": stats}
+
+
+def describe(summary: dict[str, Any]) -> str:
+    s = summary["stats"]
+    tokens = {k: v for k, v in s.items() if k.startswith("tokens")}
+    return (f"dataset: {summary['dataset_uri']}\nMLflow run: {summary['mlflow_run_id']}"
+            f"{' (cached)' if summary.get('cached') else ''}\ntokens: {tokens}")
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    return prep_flow(PrepConfig.model_validate(config))

@@ -1,0 +1,123 @@
+"""`moeflow-job <stage> --config URI`: the one container/process entry point of every stage.
+
+Reads the job config by URI, validates it, opens a child MLflow run (rank 0), runs the stage from
+`components/`, and writes the StageResult to `<output>/RESULT.json` last. Exit codes: 0 success,
+1 failure worth retrying (crash, lost node), 3 bad input (retrying cannot help), 4 training diverged
+(non-finite loss/gradients). The Kubernetes launcher's podFailurePolicy relies on these codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+from infra import storage
+from infra.jobs import EXIT_BAD_INPUT, EXIT_FAILED, StageResult
+from infra.settings import get_settings
+from infra.stages import (
+    ConfigError,
+    NullTracker,
+    StageContext,
+    dist_env,
+    stage_module,
+    validate_config,
+)
+from infra.tracking import create_run, git_commit
+
+log = logging.getLogger("moeflow.job")
+
+
+def setup_logging(stage: str, rank: int) -> None:
+    fmt = f"%(asctime)s {stage}" + (f"[rank{rank}]" if rank else "") + " %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for noisy in ("mlflow", "alembic", "botocore", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, ConfigError):
+        return EXIT_BAD_INPUT
+    return int(getattr(exc, "exit_code", EXIT_FAILED))
+
+
+def run_job(stage: str, payload: dict[str, Any]) -> StageResult:
+    """Run one stage in this process (also used in-process by tests)."""
+    settings = get_settings()
+    rank, world, local_rank = dist_env()
+    mod = stage_module(stage)
+    cfg = validate_config(stage, payload["config"])
+    lineage = {
+        "stage": stage,
+        "key": payload["key"],
+        "inputs": {n: {"uri": u, "hash": payload["input_hashes"].get(n)} for n, u in payload["inputs"].items()},
+        "config": payload["config"],
+        "git_commit": git_commit(),
+        "prefect_flow_run_id": payload.get("prefect_flow_run_id"),
+        "parent_mlflow_run_id": payload.get("parent_run_id"),
+    }
+    workdir = settings.home / "work" / f"{stage}-{payload['key'][:16]}" / f"rank{rank}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracker: Any = NullTracker()
+    if rank == 0:
+        tracker = create_run(stage, parent_run_id=payload.get("parent_run_id"),
+                             tags={"moeflow.stage": stage, "moeflow.key": payload["key"],
+                                   "prefect.flow_run_id": payload.get("prefect_flow_run_id")})
+        lineage["mlflow_run_id"] = tracker.run_id
+        tracker.log_params(payload["config"])
+    ctx = StageContext(stage=stage, output_uri=payload["output_uri"], workdir=workdir, tracker=tracker,
+                       lineage=lineage, rank=rank, world_size=world, local_rank=local_rank, settings=settings)
+    t0 = time.time()
+    status = "FAILED"
+    try:
+        out = mod.run(cfg, ctx)
+        seconds = time.time() - t0
+        result = StageResult(stage=stage, outputs=out.outputs, metrics=out.metrics, lineage=lineage,
+                             mlflow_run_id=tracker.run_id, seconds=seconds)
+        if rank == 0:
+            tracker.log_metrics({"stage_seconds": seconds})
+            storage.write_json(payload["result_uri"], result.model_dump(mode="json"))
+        status = "FINISHED"
+        return result
+    finally:
+        if rank == 0:
+            tracker.end(status)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moeflow-job", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", help="stage to run")
+    parser.add_argument("--config", required=True, help="URI of the job config JSON")
+    args = parser.parse_args(argv)
+    rank = dist_env()[0]
+    setup_logging(args.stage, rank)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # cancellation: run cleanup, mark the run KILLED
+    try:
+        payload = storage.read_json(args.config)
+        if payload.get("stage") != args.stage:
+            raise ConfigError(f"{args.config}: job config is for stage {payload.get('stage')!r}, not {args.stage!r}")
+        result = run_job(args.stage, payload)
+    except KeyboardInterrupt:
+        log.error("stage %s interrupted", args.stage)
+        return 130
+    except Exception as exc:  # the exit code is the job's contract with its launcher
+        code = exit_code_for(exc)
+        if code == EXIT_FAILED:
+            log.error("stage %s failed:\n%s", args.stage, traceback.format_exc())
+        else:
+            log.error("stage %s failed: %s", args.stage, exc)
+        return code
+    log.info("stage %s finished in %.1fs: %s", args.stage, result.seconds, result.outputs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

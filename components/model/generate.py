@@ -1,0 +1,178 @@
+"""Batched sampling with MLA's latent KV cache: what RL rollouts, distillation and evaluation call.
+
+Prompts are left-padded to a common length and prefilled in one naive-form pass; every later step feeds
+one token per live sequence through the absorbed-form attention against the cache (R + Dr values per
+token per layer). Sequences that finish are dropped from the batch, so the cost follows the live ones.
+
+Sampling: logits / temperature -> top-k -> top-p (nucleus) -> multinomial draw from a generator seeded
+with ``seed`` (same arguments + same seed = same tokens). ``temperature == 0`` is greedy. The reported
+``logprobs`` are log-softmax(logits / temperature) of the chosen tokens over the FULL vocabulary (not
+renormalised after top-k/top-p), i.e. what a trainer recomputes as pi_old at that temperature; for greedy
+decoding they are taken at temperature 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .attention import LatentCache
+from .model import MoEFlowForCausalLM
+
+
+@dataclass
+class GenerationResult:
+    """One sampled continuation. ``tokens`` are the generated ids only (including the stop token, if any)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    prompt_index: int
+    sample_index: int
+    stop: str | int | None = None  # the stop string or stop token id that ended it
+    text: str | None = field(default=None)  # decoded tokens when a tokenizer was given
+
+
+def _filter_logits(scaled_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < scaled_BV.shape[-1]:
+        kth_B1 = scaled_BV.topk(top_k, dim=-1).values[:, -1:]
+        scaled_BV = scaled_BV.masked_fill(scaled_BV < kth_B1, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first stays).
+        drop_BV = (probs_BV.cumsum(-1) - probs_BV) >= top_p
+        sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
+        scaled_BV = torch.empty_like(scaled_BV).scatter_(-1, order_BV, sorted_BV)
+    return scaled_BV
+
+
+def sample_next(
+    logits_BV: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (tokens (B,) int64, logprobs (B,) fp32 at the sampling temperature over the full vocabulary)."""
+    logits_BV = logits_BV.float()
+    if temperature == 0:
+        tok_B = logits_BV.argmax(-1)
+        return tok_B, logits_BV.log_softmax(-1).gather(1, tok_B[:, None]).squeeze(1)
+    scaled_BV = logits_BV / temperature
+    logp_BV = scaled_BV.log_softmax(-1)
+    probs_BV = _filter_logits(scaled_BV, top_k, top_p).softmax(-1)
+    tok_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+    return tok_B, logp_BV.gather(1, tok_B[:, None]).squeeze(1)
+
+
+@torch.inference_mode()
+def generate(
+    model: MoEFlowForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_token_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer: Any = None,
+    seed: int | None = None,
+    num_samples: int = 1,
+) -> list[GenerationResult]:
+    """Sample ``num_samples`` continuations of every prompt; results are prompt-major
+    (``results[p * num_samples + s]``).
+
+    eos_token_id: None = the model config's eos ids; ``()`` = none. A sequence stops at an eos or stop
+    token, or once its decoded text contains a stop string (needs ``tokenizer`` with ``decode``), else
+    after ``max_new_tokens`` (finish_reason "length").
+    """
+    _check_args(prompts, max_new_tokens, temperature, top_p, top_k, num_samples, stop_strings, tokenizer)
+    cfg = model.cfg
+    eos = cfg.eos_token_ids if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    stop_ids = set(eos) | set(stop_token_ids)
+    P = max(len(p) for p in prompts)
+    if P + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings "
+            f"({cfg.max_position_embeddings}); lower max_new_tokens or truncate the prompts"
+        )
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        n_prompts = len(prompts)
+        ids_BP = torch.zeros(n_prompts, P, dtype=torch.long, device=device)
+        cache = LatentCache.allocate(cfg, n_prompts, P + max_new_tokens, dtype=dtype, device=device)
+        for b, p in enumerate(prompts):
+            ids_BP[b, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            cache.valid[b, P - len(p):P] = True
+        logits_BV = model.forward_cached(ids_BP, cache)
+        rows = torch.arange(n_prompts, device=device).repeat_interleave(num_samples)
+        if num_samples > 1:
+            cache, logits_BV = cache.select(rows), logits_BV[rows]
+        n = n_prompts * num_samples
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        finish: list[tuple[str, str | int | None]] = [("length", None)] * n
+        live = list(range(n))  # batch row i of the cache holds sequence live[i]
+        max_stop_len = max((len(s) for s in stop_strings), default=0)
+        for step in range(max_new_tokens):
+            tok_B, lp_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      generator=generator)
+            keep = []
+            for i, (t, lp) in enumerate(zip(tok_B.tolist(), lp_B.tolist(), strict=True)):
+                seq = live[i]
+                tokens[seq].append(t)
+                logprobs[seq].append(lp)
+                if t in stop_ids:
+                    finish[seq] = ("stop", t)
+                    continue
+                if max_stop_len:
+                    tail = tokenizer.decode(tokens[seq][-(max_stop_len + 4):])
+                    hit = next((s for s in stop_strings if s in tail), None)
+                    if hit is not None:
+                        finish[seq] = ("stop", hit)
+                        continue
+                keep.append(i)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(live):
+                idx = torch.tensor(keep, device=device)
+                cache, tok_B = cache.select(idx), tok_B[idx]
+                live = [live[i] for i in keep]
+            cache.valid[:, cache.length] = True
+            logits_BV = model.forward_cached(tok_B[:, None], cache)
+    finally:
+        model.train(was_training)
+    return [
+        GenerationResult(
+            tokens=tokens[s], logprobs=logprobs[s], finish_reason=finish[s][0], stop=finish[s][1],
+            prompt_index=s // num_samples, sample_index=s % num_samples,
+            text=None if tokenizer is None else tokenizer.decode(tokens[s]),
+        )
+        for s in range(n)
+    ]
+
+
+def _check_args(prompts, max_new_tokens, temperature, top_p, top_k, num_samples, stop_strings, tokenizer):
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer (anything with .decode(list[int]) -> str)")

@@ -1,0 +1,273 @@
+"""Hugging Face interop: export moeflow weights as a ``DeepseekV3ForCausalLM`` directory, load one back.
+
+Exported layout (what DeepSeek publishes and every transformers version loads):
+  config.json (model_type deepseek_v3), generation_config.json, model.safetensors or
+  model-0000i-of-0000n.safetensors + model.safetensors.index.json, tokenizer files when given.
+  Keys: ``model.embed_tokens.weight``, ``model.layers.L.self_attn.*``, dense ``mlp.{gate,up,down}_proj``,
+  MoE ``mlp.gate.weight`` + ``mlp.gate.e_score_correction_bias`` (both fp32),
+  ``mlp.experts.N.{gate,up,down}_proj.weight``, ``mlp.shared_experts.*``, ``model.norm.weight``,
+  ``lm_head.weight`` (omitted when tied). No MTP keys: inference never uses them.
+
+Loading accepts per-expert keys and transformers 5.x's fused in-memory form
+(``mlp.experts.gate_up_proj`` (E, 2I, D), ``mlp.experts.down_proj`` (E, D, I)), and DeepSeek's MTP
+modules at ``model.layers.{num_hidden_layers + k}`` when the config asks for MTP. Only safetensors are
+read, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import MoEFlowForCausalLM
+
+_EXPERT = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+_FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+_TOKENIZER_FILES = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|chat_template\..*)$"
+)
+
+
+# --- key mapping ------------------------------------------------------------------------------------
+def to_hf_state_dict(model: MoEFlowForCausalLM, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """moeflow state -> HF per-expert tensors (contiguous, distinct storages). MTP modules are dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("mtp."):
+            continue
+        t = t.detach()
+        m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(w_gate|w_up|w_down)", name)
+        if m:
+            layer, which = m.groups()
+            for e in range(t.shape[0]):
+                key = f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT[which]}.weight"
+                out[key] = t[e].to(dtype).contiguous().clone()
+            continue
+        key = name if name.startswith("lm_head.") else f"model.{name}"
+        keep_fp32 = key.endswith(_FP32_SUFFIXES)
+        out[key] = t.to(torch.float32 if keep_fp32 else dtype).contiguous().clone()
+    return out
+
+
+def from_hf_state_dict(
+    tensors: dict[str, torch.Tensor], cfg: ModelConfig
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """HF tensors -> (moeflow state dict, unused HF keys). Stacks per-expert keys; maps MTP layers."""
+    L, E = cfg.num_hidden_layers, cfg.n_routed_experts
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    unused: list[str] = []
+    for key, t in tensors.items():
+        if key == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                unused.append(key)  # transformers may write the tied copy; the embedding is the one we keep
+            else:
+                state[key] = t
+            continue
+        if not key.startswith("model."):
+            unused.append(key)
+            continue
+        name = key[len("model."):]
+        m = re.fullmatch(r"layers\.(\d+)\.(.*)", name)
+        if m:
+            layer, rest = int(m.group(1)), m.group(2)
+            if layer >= L:  # DeepSeek's MTP modules
+                k = layer - L
+                if k >= cfg.mtp_depth:
+                    unused.append(key)
+                    continue
+                if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+                    unused.append(key)  # copies of the shared embedding / head
+                    continue
+                prefix = f"mtp.{k}"
+            else:
+                prefix = f"layers.{layer}"
+            em = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", rest)
+            if em:
+                which = {v: k2 for k2, v in _EXPERT.items()}[em.group(2)]
+                experts.setdefault((prefix, which), {})[int(em.group(1))] = t
+                continue
+            if rest == "mlp.experts.gate_up_proj":  # transformers 5.x fused form: rows [gate; up]
+                gate, up = t.chunk(2, dim=1)
+                state[f"{prefix}.mlp.experts.w_gate"], state[f"{prefix}.mlp.experts.w_up"] = gate, up
+                continue
+            if rest == "mlp.experts.down_proj":
+                state[f"{prefix}.mlp.experts.w_down"] = t
+                continue
+            state[f"{prefix}.{rest}"] = t
+            continue
+        state[name] = t
+    for (prefix, which), per_expert in experts.items():
+        missing = sorted(set(range(E)) - set(per_expert))
+        if missing:
+            raise ValueError(f"{prefix}: checkpoint lacks experts {missing[:8]} for {_EXPERT[which]}")
+        state[f"{prefix}.mlp.experts.{which}"] = torch.stack([per_expert[e] for e in range(E)])
+    return state, unused
+
+
+# --- export ---------------------------------------------------------------------------------------
+def export_hf(
+    model: MoEFlowForCausalLM,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write ``model`` as a directory ``transformers.DeepseekV3ForCausalLM.from_pretrained`` loads.
+
+    The directory appears complete or not at all (written under ``<out_dir>.partial``, then renamed);
+    an existing non-empty ``out_dir`` is an error. Returns ``out_dir``.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; export into a new directory")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        cfg_dict = model.cfg.to_hf_dict()
+        cfg_dict["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+        gen = {"_from_model_config": True, "bos_token_id": model.cfg.bos_token_id,
+               "eos_token_id": model.cfg.eos_token_id}
+        if model.cfg.pad_token_id is not None:
+            gen["pad_token_id"] = model.cfg.pad_token_id
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _write_safetensors(to_hf_state_dict(model, dtype), tmp, max_shard_bytes)
+        if tokenizer_dir is not None:
+            files = [p for p in Path(tokenizer_dir).iterdir() if p.is_file() and _TOKENIZER_FILES.match(p.name)]
+            if not files:
+                raise FileNotFoundError(f"{tokenizer_dir} holds no tokenizer files (tokenizer.json ...)")
+            for p in files:
+                shutil.copy2(p, tmp / p.name)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+        return
+    weight_map, n = {}, len(shards)
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(out / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --- load -----------------------------------------------------------------------------------------
+def _safetensor_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    raise FileNotFoundError(
+        f"{path} has no model.safetensors or model.safetensors.index.json (pickled .bin checkpoints are "
+        "never loaded; re-save with safe_serialization)"
+    )
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                yield k, sf.get_tensor(k)
+
+
+def load_pretrained(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **overrides
+) -> MoEFlowForCausalLM:
+    """Load a DeepseekV3 directory (transformers ``save_pretrained``, DeepSeek's layout, or ``export_hf``).
+
+    ``overrides`` set moeflow fields (``mtp_depth``, ``bias_update_speed`` ...). MTP modules present in
+    the files are loaded up to ``mtp_depth``; missing ones are freshly initialised. The model is
+    returned in eval mode; ``forward(input_ids (B, T)) -> logits (B, T, V)``.
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json")
+    cfg = ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()), **overrides)
+    tensors = dict(_iter_tensors(_safetensor_files(path)))
+    state, _unused = from_hf_state_dict(tensors, cfg)
+    with torch.device("meta"):
+        model = MoEFlowForCausalLM(cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    fatal = [k for k in missing if not k.startswith("mtp.")]
+    if fatal:
+        raise ValueError(f"{path}: checkpoint lacks {len(fatal)} tensors, e.g. {fatal[:5]}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ValueError(f"{path}: checkpoint has tensors moeflow does not know, e.g. {unexpected[:5]}")
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, the config implies {tuple(expected[k].shape)}")
+        keep_fp32 = k.endswith(_FP32_SUFFIXES)
+        state[k] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    _materialize(model, device, dtype)
+    return model.eval()
+
+
+def _materialize(model: MoEFlowForCausalLM, device, dtype) -> None:
+    """Allocate what the checkpoint did not provide: counters, and MTP modules absent from the files."""
+    for moe in model.moe_layers():
+        moe.expert_counts = torch.zeros(moe.n_experts, dtype=torch.int64, device=device)
+    for module in model.mtp:
+        if any(p.device.type == "meta" for p in module.parameters()) or any(
+            b.device.type == "meta" for b in module.buffers()
+        ):
+            module.to_empty(device=device)
+            module.to(dtype)
+            std = model.cfg.initializer_range
+            with torch.no_grad():
+                for name, p in module.named_parameters():
+                    p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, std)
+                module.mlp.gate.e_score_correction_bias.zero_()
+                module.mlp.expert_counts.zero_()
+
+
+# --- trainer checkpoints --------------------------------------------------------------------------
+def save_checkpoint_state(model: MoEFlowForCausalLM) -> dict[str, torch.Tensor]:
+    """Full training state (trunk, head, MTP, balancing biases) as independent contiguous tensors,
+    ready for ``safetensors.torch.save_file`` (no shared storages, even with tied embeddings)."""
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def load_state(model: MoEFlowForCausalLM, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of ``save_checkpoint_state`` (strict: every key must match)."""
+    model.load_state_dict(state, strict=True)

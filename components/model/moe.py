@@ -1,0 +1,167 @@
+"""DeepSeekMoE: sigmoid router with group-limited top-K and aux-loss-free balancing, routed + shared experts.
+
+Shape legend: B batch, T tokens (B*T when flattened), D hidden, E routed experts, K experts per token,
+G expert groups, I expert width.
+
+Routing (``noaux_tc``, DeepSeek-V3 / transformers ``DeepseekV3TopkRouter``), all in fp32:
+  s = sigmoid(x W_g^T)                       affinities (T, E)
+  s' = s + b                                 b = e_score_correction_bias, a buffer: selection only
+  group score = sum of the top-2 s' per group; keep the best ``topk_group`` groups (others -> -inf)
+  top-K of s' among the kept experts picks the experts
+  weights = s of those experts (unbiased), / their sum if norm_topk_prob, * routed_scaling_factor
+Output = sum_k weight_k * expert_k(x) + shared(x).
+
+Balancing without an auxiliary loss: in training mode each MoE layer adds its per-expert token counts to
+``expert_counts``; after the optimizer step the trainer calls ``update_bias`` (through the model), which
+moves b_i down by gamma when expert i got more than the mean load and up by gamma when it got less.
+An optional sequence-wise auxiliary loss ``alpha * sum_i f_i P_i`` is returned when alpha > 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+from .config import ModelConfig
+from .layers import MLP
+
+
+class Router(nn.Module):
+    """Sigmoid affinities, group-limited top-K selection on biased scores, unbiased gate weights.
+
+    ``weight`` (E, D) and the ``e_score_correction_bias`` (E,) buffer stay fp32 whatever dtype the model
+    is cast to (as transformers' ``_keep_in_fp32_modules_strict``): routing decisions and the small
+    gamma-steps of the bias need the precision.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn: Callable, recurse: bool = True):  # keep fp32 through model.to(bfloat16)
+        super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float32 and self.weight.is_floating_point():
+            self.weight.data = self.weight.data.float()
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, D) -> topk_idx (T, K) int64, topk_weight (T, K) fp32, scores (T, E) fp32 (unbiased)."""
+        T = x_TD.shape[0]
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        with torch.no_grad():  # selection only: the bias never reaches the gate weights or any gradient
+            choice_TE = scores_TE.detach() + self.e_score_correction_bias
+            if self.n_group > 1:
+                choice_TGe = choice_TE.view(T, self.n_group, -1)
+                group_scores_TG = choice_TGe.topk(2, dim=-1).values.sum(-1)
+                group_idx_TG = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False).indices
+                keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, group_idx_TG, True)
+                # Discarded groups are filled with -inf (transformers >= 5.12 and DeepSeek; <= 5.5 used 0.0,
+                # which differs only when s + b < 0).
+                choice_TE = choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+            topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
+        if self.norm_topk_prob:
+            topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(-1, keepdim=True) + 1e-20)
+        return topk_idx_TK, topk_weight_TK * self.scale, scores_TE
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked: ``w_gate``/``w_up`` (E, I, D), ``w_down`` (E, D, I).
+
+    ``forward`` dispatches through ``kernels.moe_ffn`` (permute by expert + grouped GEMM + weighted
+    combine); ``forward_loop`` is the readable per-expert loop it must equal.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.w_gate = nn.Parameter(torch.empty(E, I, D))
+        self.w_up = nn.Parameter(torch.empty(E, I, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        return kernels.moe_ffn(x_TD, topk_idx_TK, topk_weight_TK, self.w_gate, self.w_up, self.w_down)
+
+    def forward_loop(
+        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor
+    ) -> torch.Tensor:
+        out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        for e in range(self.w_gate.shape[0]):
+            tok, slot = torch.where(topk_idx_TK == e)  # tokens routed to expert e, and in which slot
+            if tok.numel() == 0:
+                continue
+            x_nD = x_TD[tok]
+            h_nI = F.silu(F.linear(x_nD, self.w_gate[e])) * F.linear(x_nD, self.w_up[e])
+            y_nD = F.linear(h_nI, self.w_down[e])
+            out_TD = out_TD.index_add(0, tok, y_nD.float() * topk_weight_TK[tok, slot, None].float())
+        return out_TD.to(x_TD.dtype)
+
+
+class MoE(nn.Module):
+    """Routed experts + shared experts, with expert-load bookkeeping and the optional sequence aux loss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gamma, self.alpha = cfg.bias_update_speed, cfg.seq_aux_loss_weight
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, fp8=cfg.fp8)
+            if cfg.n_shared_experts > 0
+            else None
+        )
+        # Tokens per expert since the last reset (training mode only); not part of the state dict.
+        self.register_buffer("expert_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
+        self.impl: Literal["kernel", "loop"] = "kernel"
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) -> (y (B, T, D), sequence-wise aux loss or None)."""
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        topk_idx_TK, topk_weight_TK, scores_TE = self.gate(x_TD)
+        experts = self.experts.forward_loop if self.impl == "loop" else self.experts
+        y_TD = experts(x_TD, topk_idx_TK, topk_weight_TK)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        aux = None
+        if self.training:
+            with torch.no_grad():
+                self.expert_counts += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts)
+            if self.alpha > 0:
+                aux = self._seq_aux_loss(topk_idx_TK.view(B, T, -1), scores_TE.view(B, T, -1))
+        return y_TD.view(B, T, D), aux
+
+    def _seq_aux_loss(self, topk_idx_BTK: torch.Tensor, scores_BTE: torch.Tensor) -> torch.Tensor:
+        """``alpha * sum_i f_i P_i`` per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20).
+
+        f_i = E / (K T) * #tokens of the sequence routed to i;  P_i = mean_t s_{i,t} / sum_j s_{j,t}.
+        """
+        B, T, K = topk_idx_BTK.shape
+        E = self.n_experts
+        with torch.no_grad():
+            hits_BE = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
+                1, topk_idx_BTK.view(B, -1), torch.ones(B, T * K, device=scores_BTE.device)
+            )
+            f_BE = hits_BE * (E / (K * T))
+        p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
+        return self.alpha * (f_BE * p_BE).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: torch.Tensor | None = None) -> None:
+        """Aux-loss-free balancing step: b_i -= gamma if load_i > mean load, += gamma if below."""
+        load = (self.expert_counts if counts_E is None else counts_E).to(torch.float64)
+        step = torch.sign(load.mean() - load).to(torch.float32)
+        self.gate.e_score_correction_bias.add_(self.gamma * step.to(self.gate.e_score_correction_bias.device))

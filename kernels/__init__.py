@@ -1,0 +1,365 @@
+"""moeflow kernels: Triton kernels with one torch reference each, behind one dispatch layer.
+
+Every public function below is differentiable and accepts fp32 and bf16. Each picks its backend with
+``kernels.backend.resolve`` (Triton on CUDA, the torch reference elsewhere; ``set_backend`` /
+``MOEFLOW_KERNEL_BACKEND`` force either) and asserts its preconditions with a message. Triton itself is
+imported only when the Triton backend is used, so ``TRITON_INTERPRET`` may be set any time before that.
+
+Ops: ``rms_norm``, ``swiglu``, ``apply_rope`` (+ ``rope_cos_sin``), ``fused_linear_cross_entropy``,
+``fused_linear_distill_loss``, ``distill_loss``, ``moe_ffn`` (+ ``moe_routing``, ``moe_permute``,
+``grouped_gemm``, ``grouped_swiglu_mlp``, ``moe_combine``), FP8 ``fp8_quantize_act``,
+``fp8_quantize_weight``, ``fp8_dequantize``, ``fp8_gemm``, ``fp8_linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference as ref
+from .backend import BackendUnavailableError, get_backend, resolve, set_backend, triton_op
+from .reference import MoeRouting, moe_routing, rope_cos_sin, rope_inv_freq
+
+__all__ = [
+    "BackendUnavailableError",
+    "MoeRouting",
+    "apply_rope",
+    "distill_loss",
+    "fp8_dequantize",
+    "fp8_gemm",
+    "fp8_linear",
+    "fp8_quantize_act",
+    "fp8_quantize_weight",
+    "fused_linear_cross_entropy",
+    "fused_linear_distill_loss",
+    "get_backend",
+    "grouped_gemm",
+    "grouped_swiglu_mlp",
+    "moe_combine",
+    "moe_ffn",
+    "moe_permute",
+    "moe_routing",
+    "rms_norm",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "set_backend",
+    "swiglu",
+]
+
+_FLOAT = (torch.float32, torch.bfloat16)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    assert t.dtype in _FLOAT, f"{name} must be fp32 or bf16, got {t.dtype}"
+
+
+def _same_device(*named: tuple[str, torch.Tensor]) -> torch.device:
+    dev = named[0][1].device
+    for name, t in named[1:]:
+        assert t.device == dev, f"{name} is on {t.device} but {named[0][0]} is on {dev}"
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------- norms
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, optionally of ``x + residual``.
+
+    x ``(..., D)`` fp32/bf16; weight ``(D,)`` fp32/bf16; residual like x or None.
+    Returns y in x.dtype (fp32 statistics, HF DeepseekV3RMSNorm rounding), or ``(y, x + residual)``.
+    """
+    _check_float("x", x)
+    _check_float("weight", weight)
+    assert weight.shape == (x.shape[-1],), f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}"
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype, (
+            f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
+        )
+    dev = _same_device(("x", x), ("weight", weight), *([("residual", residual)] if residual is not None else []))
+    if resolve(dev, "rms_norm") == "triton":
+        return triton_op("rms_norm").rms_norm(x, weight, eps, residual)
+    return ref.rms_norm(x, weight, eps, residual)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``; gate, up same shape and dtype (fp32/bf16), result in that dtype."""
+    _check_float("gate", gate)
+    assert gate.shape == up.shape and gate.dtype == up.dtype, (
+        f"gate and up must match, got {tuple(gate.shape)} {gate.dtype} vs {tuple(up.shape)} {up.dtype}"
+    )
+    dev = _same_device(("gate", gate), ("up", up))
+    if resolve(dev, "swiglu") == "triton":
+        return triton_op("swiglu").swiglu(gate, up)
+    return ref.swiglu(gate, up)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on adjacent pairs (DeepSeek's interleaved layout; see ``kernels.reference.rope``).
+
+    x ``(..., T, D)`` fp32/bf16, D even; cos, sin ``(T, D // 2)`` fp32 (from ``rope_cos_sin``).
+    """
+    _check_float("x", x)
+    assert x.dim() >= 2 and x.shape[-1] % 2 == 0, f"x must be (..., T, D) with D even, got {tuple(x.shape)}"
+    T, D = x.shape[-2], x.shape[-1]
+    for name, t in (("cos", cos), ("sin", sin)):
+        assert t.shape == (T, D // 2), f"{name} must be ({T}, {D // 2}), got {tuple(t.shape)}"
+        assert t.dtype == torch.float32, f"{name} must be fp32, got {t.dtype}"
+    dev = _same_device(("x", x), ("cos", cos), ("sin", sin))
+    if resolve(dev, "apply_rope") == "triton":
+        return triton_op("rope").apply_rope(x, cos, sin)
+    return ref.apply_rope(x, cos, sin)
+
+
+# --------------------------------------------------------------------------------------------- losses
+def fused_linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``h @ weight.T / temperature`` without ever holding the N x V logits.
+
+    h ``(N, d)`` fp32/bf16; weight ``(V, d)`` same dtype; targets ``(N,)`` int64.
+    ``loss_t = lse - z_target + z_loss * lse**2``; reduction ``mean`` (over non-ignored tokens; 0 if
+    none), ``sum`` or ``none`` (``(N,)`` fp32, 0 at ignored tokens; ``-loss`` are the token log-probs).
+    Gradients flow to h and weight.
+    """
+    _check_float("h", h)
+    ref.cross_entropy.check_ce_args(h, weight, targets, reduction, temperature)
+    dev = _same_device(("h", h), ("weight", weight), ("targets", targets))
+    rows = None
+    if resolve(dev, "fused_linear_cross_entropy") == "triton":
+        rows = triton_op("cross_entropy").cross_entropy_rows
+    return ref.fused_linear_cross_entropy(
+        h, weight, targets, ignore_index=ignore_index, z_loss=z_loss, reduction=reduction,
+        temperature=temperature, chunk_size=chunk_size, rows=rows,
+    )
+
+
+def fused_linear_distill_loss(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    h_t: torch.Tensor,
+    w_t: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Distillation loss between student ``h_s @ w_s.T`` and teacher ``h_t @ w_t.T``, chunked over tokens.
+
+    h_s ``(N, ds)``, w_s ``(V, ds)`` fp32/bf16; h_t ``(N, dt)``, w_t ``(V, dt)`` (no gradient);
+    mask ``(N,)`` bool or None. kind ``forward_kl`` | ``reverse_kl`` | ``jsd`` (generalised, TRL/Liger
+    convention: beta=0 -> forward KL, beta=1 -> reverse KL). Reduction mean over masked-in tokens | sum
+    | none. See ``kernels.reference.distill``.
+    """
+    _check_float("h_s", h_s)
+    _check_float("h_t", h_t)
+    dev = _same_device(("h_s", h_s), ("w_s", w_s), ("h_t", h_t), ("w_t", w_t))
+    rows = None
+    if resolve(dev, "fused_linear_distill_loss") == "triton":
+        rows = triton_op("distill").distill_rows
+    return ref.fused_linear_distill_loss(
+        h_s, w_s, h_t, w_t, mask=mask, kind=kind, beta=beta, temperature=temperature,
+        reduction=reduction, chunk_size=chunk_size, rows=rows,
+    )
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The distillation losses of ``fused_linear_distill_loss`` on given logits ``(N, V)`` fp32/bf16."""
+    _check_float("student_logits", student_logits)
+    dev = _same_device(("student_logits", student_logits), ("teacher_logits", teacher_logits))
+    rows = None
+    if resolve(dev, "distill_loss") == "triton":
+        rows = triton_op("distill").distill_rows
+    return ref.distill_loss(
+        student_logits, teacher_logits, mask=mask, kind=kind, beta=beta, temperature=temperature,
+        reduction=reduction, chunk_size=chunk_size, rows=rows,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ MoE
+def _check_routing(routing: MoeRouting, T: int | None = None) -> None:
+    assert isinstance(routing, MoeRouting), f"routing must be a MoeRouting (from moe_routing), got {type(routing)}"
+    if T is not None:
+        assert routing.rows.shape[0] == T, f"routing is for {routing.rows.shape[0]} tokens, x has {T}"
+
+
+def moe_permute(x: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
+    """x ``(T, D)`` -> ``(routing.num_rows, D)``: each token copied to its K expert-sorted rows, pad rows 0."""
+    _check_float("x", x)
+    assert x.dim() == 2, f"x must be (T, D), got {tuple(x.shape)}"
+    _check_routing(routing, x.shape[0])
+    if resolve(x.device, "moe_permute") == "triton":
+        return triton_op("moe_permute").moe_permute(x, routing)
+    return ref.moe_permute(x, routing)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
+    """``y[rows of expert e] = x[rows of e] @ w[e].T``; x ``(R, Din)``, w ``(E, Dout, Din)`` -> ``(R, Dout)``."""
+    _check_float("x", x)
+    _check_routing(routing)
+    assert x.dim() == 2 and x.shape[0] == routing.num_rows, (
+        f"x must be (routing.num_rows={routing.num_rows}, Din), got {tuple(x.shape)}"
+    )
+    assert w.dim() == 3 and w.shape[0] == routing.num_experts and w.shape[2] == x.shape[1], (
+        f"w must be (E={routing.num_experts}, Dout, Din={x.shape[1]}), got {tuple(w.shape)}"
+    )
+    assert w.dtype == x.dtype, f"w and x dtypes differ: {w.dtype} vs {x.dtype}"
+    if resolve(_same_device(("x", x), ("w", w)), "grouped_gemm") == "triton":
+        return triton_op("grouped_gemm").grouped_gemm(x, w, routing)
+    return ref.grouped_gemm(x, w, routing)
+
+
+def grouped_swiglu_mlp(
+    x_perm: torch.Tensor, routing: MoeRouting, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """Experts' SwiGLU MLP on permuted rows: x_perm ``(R, D)``; w_gate, w_up ``(E, I, D)``; w_down ``(E, D, I)``."""
+    if resolve(x_perm.device, "grouped_swiglu_mlp") == "triton":
+        return grouped_gemm(swiglu(grouped_gemm(x_perm, w_gate, routing), grouped_gemm(x_perm, w_up, routing)),
+                            w_down, routing)
+    _check_float("x_perm", x_perm)
+    _check_routing(routing)
+    return ref.grouped_swiglu_mlp(x_perm, routing, w_gate, w_up, w_down)
+
+
+def moe_combine(y_perm: torch.Tensor, routing: MoeRouting, topk_weight: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k topk_weight[t, k] y_perm[routing.rows[t, k]]`` (fp32 sum in slot order:
+    deterministic); y_perm ``(R, D)``, topk_weight ``(T, K)`` -> ``(T, D)`` in y_perm.dtype."""
+    _check_float("y_perm", y_perm)
+    _check_routing(routing)
+    assert topk_weight.shape == routing.rows.shape, (
+        f"topk_weight must be {tuple(routing.rows.shape)}, got {tuple(topk_weight.shape)}"
+    )
+    assert y_perm.dim() == 2 and y_perm.shape[0] == routing.num_rows, (
+        f"y_perm must be ({routing.num_rows}, D), got {tuple(y_perm.shape)}"
+    )
+    if resolve(_same_device(("y_perm", y_perm), ("topk_weight", topk_weight)), "moe_combine") == "triton":
+        return triton_op("moe_combine").moe_combine(y_perm, routing, topk_weight)
+    return ref.moe_combine(y_perm, routing, topk_weight)
+
+
+def moe_ffn(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts' output ``sum_k topk_weight[t,k] * down_e(silu(gate_e x_t) * up_e x_t)``.
+
+    x ``(T, D)`` fp32/bf16; topk_idx ``(T, K)`` int64; topk_weight ``(T, K)`` fp32 or x.dtype;
+    w_gate, w_up ``(E, I, D)``; w_down ``(E, D, I)`` (x.dtype) -> ``(T, D)`` in x.dtype.
+    Gradients for x, topk_weight and the three weights. No Python loop over experts on either backend.
+    """
+    _check_float("x", x)
+    assert x.dim() == 2, f"x must be (T, D), got {tuple(x.shape)}"
+    T, D = x.shape
+    assert topk_idx.dim() == 2 and topk_idx.shape[0] == T, f"topk_idx must be ({T}, K), got {tuple(topk_idx.shape)}"
+    assert topk_idx.dtype == torch.long, f"topk_idx must be int64, got {topk_idx.dtype}"
+    assert topk_weight.shape == topk_idx.shape, f"topk_weight must be {tuple(topk_idx.shape)}"
+    assert topk_weight.dtype in (torch.float32, x.dtype), f"topk_weight must be fp32 or {x.dtype}"
+    assert w_gate.dim() == 3 and w_gate.shape[2] == D, f"w_gate must be (E, I, {D}), got {tuple(w_gate.shape)}"
+    E, I, _ = w_gate.shape
+    assert w_up.shape == (E, I, D), f"w_up must be {(E, I, D)}, got {tuple(w_up.shape)}"
+    assert w_down.shape == (E, D, I), f"w_down must be {(E, D, I)}, got {tuple(w_down.shape)}"
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        assert w.dtype == x.dtype, f"{name} must be {x.dtype}, got {w.dtype}"
+    dev = _same_device(("x", x), ("topk_idx", topk_idx), ("topk_weight", topk_weight), ("w_gate", w_gate),
+                       ("w_up", w_up), ("w_down", w_down))
+    if resolve(dev, "moe_ffn") == "triton":
+        gg = triton_op("grouped_gemm")
+        routing = moe_routing(topk_idx, E, block=gg.routing_block())
+        x_perm = triton_op("moe_permute").moe_permute(x, routing)
+        h = triton_op("swiglu").swiglu(gg.grouped_gemm(x_perm, w_gate, routing), gg.grouped_gemm(x_perm, w_up, routing))
+        return triton_op("moe_combine").moe_combine(gg.grouped_gemm(h, w_down, routing), routing, topk_weight)
+    return ref.moe_ffn(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+
+
+# ------------------------------------------------------------------------------------------------ FP8
+def _fp8_backend(t: torch.Tensor, op: str) -> str:
+    return resolve(t.device, op, needs_fp8=True)
+
+
+def fp8_quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``(..., K)`` fp32/bf16 -> (float8_e4m3fn ``(..., K)``, fp32 scales ``(..., ceil(K/128))``), 1x128 tiles."""
+    _check_float("x", x)
+    if _fp8_backend(x, "fp8_quantize_act") == "triton":
+        return triton_op("fp8_quant").fp8_quantize_act(x)
+    return ref.fp8_quantize_act(x)
+
+
+def fp8_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w ``(N, K)`` fp32/bf16 -> (float8_e4m3fn ``(N, K)``, fp32 scale_inv ``(ceil(N/128), ceil(K/128))``)."""
+    _check_float("w", w)
+    assert w.dim() == 2, f"w must be (N, K), got {tuple(w.shape)}"
+    if _fp8_backend(w, "fp8_quantize_weight") == "triton":
+        return triton_op("fp8_quant").fp8_quantize_weight(w)
+    return ref.fp8_quantize_weight(w)
+
+
+def fp8_dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float8_e4m3fn tensor times its 1x128-tile or 128x128-block scales (layout read from scale's shape)."""
+    assert x_fp8.dtype == torch.float8_e4m3fn, f"x_fp8 must be float8_e4m3fn, got {x_fp8.dtype}"
+    assert scale.dtype == torch.float32, f"scale must be fp32, got {scale.dtype}"
+    if _fp8_backend(x_fp8, "fp8_dequantize") == "triton":
+        return triton_op("fp8_quant").fp8_dequantize(x_fp8, scale, dtype)
+    return ref.fp8_dequantize(x_fp8, scale, dtype)
+
+
+def fp8_gemm(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``A @ B.T`` with DeepSeek-V3 block scales: a ``(M, K)`` e4m3 + ``(M, ceil(K/128))`` fp32,
+    b ``(N, K)`` e4m3 + ``(ceil(N/128), ceil(K/128))`` fp32 -> ``(M, N)`` out_dtype, fp32 accumulation."""
+    for name, t in (("a_fp8", a_fp8), ("b_fp8", b_fp8)):
+        assert t.dtype == torch.float8_e4m3fn and t.dim() == 2, f"{name} must be 2-D float8_e4m3fn, got {t.dtype}"
+    M, K = a_fp8.shape
+    N = b_fp8.shape[0]
+    assert b_fp8.shape[1] == K, f"a {tuple(a_fp8.shape)} and b {tuple(b_fp8.shape)} must share K"
+    kt = -(-K // 128)
+    assert a_scale.shape == (M, kt) and a_scale.dtype == torch.float32, f"a_scale must be ({M}, {kt}) fp32"
+    assert b_scale.shape == (-(-N // 128), kt) and b_scale.dtype == torch.float32, (
+        f"b_scale must be ({-(-N // 128)}, {kt}) fp32, got {tuple(b_scale.shape)}"
+    )
+    if _fp8_backend(a_fp8, "fp8_gemm") == "triton":
+        return triton_op("fp8_gemm").fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+    return ref.fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` through block-scaled FP8 (quantised on the fly); x ``(..., K)``, weight ``(N, K)``.
+
+    Differentiable; the backward uses the dequantised FP8 operands in x.dtype (straight-through).
+    """
+    _check_float("x", x)
+    _check_float("weight", weight)
+    _same_device(("x", x), ("weight", weight))
+    if _fp8_backend(x, "fp8_linear") == "triton":
+        q, g = triton_op("fp8_quant"), triton_op("fp8_gemm")
+        ops = (q.fp8_quantize_act, q.fp8_quantize_weight, g.fp8_gemm, q.fp8_dequantize)
+        return ref.fp8_linear(x, weight, ops)
+    return ref.fp8_linear(x, weight)

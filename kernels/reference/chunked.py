@@ -1,0 +1,124 @@
+"""Chunked "linear layer + per-token loss" engine shared by fused cross-entropy and fused distillation.
+
+``loss_t = f(h_t W^T)`` is computed ``chunk`` tokens at a time, so at most ``chunk x V`` logits exist at
+once (never ``N x V``). The per-chunk work -- loss and d loss / d logits, in place over the fp32 logits --
+is a *row function*: the torch reference (``cross_entropy_rows``, ``distill_rows``) or a Triton kernel
+with the same contract. This module is the host side both backends share.
+
+Gradients. With ``G`` = d loss / d logits of a chunk (already scaled by the reduction):
+``dh_chunk = G W`` and ``dW += G^T h_chunk`` (fp32 accumulator).
+- reduction ``mean``/``sum`` (a scalar loss): G is computed during the forward and dh, dW are kept, so the
+  backward only scales them by the incoming scalar (3 GEMMs in all, Liger-Kernel's scheme);
+- reduction ``none`` (per-token losses, e.g. RL token log-probs): the backward recomputes each chunk's
+  logits, because the upstream gradient weighs every token differently (4 GEMMs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+# row_fn(logits_chunk (C, V) fp32, start, end, compute_grad) -> per-token loss (C,) fp32. With
+# compute_grad it overwrites logits_chunk with d loss_t / d logits_t (unreduced, unmasked by the engine).
+RowFn = Callable[[torch.Tensor, int, int, bool], torch.Tensor]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk so that one chunk of logits is about as large as the hidden states (Liger)."""
+    inc = max(1, math.ceil(vocab / max(hidden, 1)))
+    chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_tokens / inc)))))
+    return max(16, min(chunk, max(n_tokens, 1)))
+
+
+def _logits(h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    z = h_c @ w.T
+    return z if z.dtype == torch.float32 else z.float()
+
+
+class ChunkedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, valid, row_fn, reduction, chunk):
+        N = h.shape[0]
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        n_valid = valid.sum()
+        # per-token factor of the reduction: mean divides by the number of valid tokens (at least 1)
+        scale = valid.float() / n_valid.clamp(min=1) if reduction == "mean" else valid.float()
+        precompute = need_grad and reduction != "none"
+        loss = torch.empty(N, dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if precompute and ctx.needs_input_grad[0] else None
+        dw = None
+        if precompute and ctx.needs_input_grad[1]:
+            dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            z = _logits(h[s:e], w)
+            loss[s:e] = row_fn(z, s, e, precompute)
+            if precompute:
+                g = z.mul_(scale[s:e, None]).to(h.dtype)  # d (reduced loss) / d logits
+                if dh is not None:
+                    torch.mm(g, w, out=dh[s:e])
+                if dw is not None:
+                    dw += (g.T @ h[s:e]).float() if g.dtype != torch.float32 else g.T @ h[s:e]
+        loss = loss * valid
+        ctx.reduction, ctx.chunk, ctx.row_fn, ctx.w_dtype = reduction, chunk, row_fn, w.dtype
+        if precompute:
+            ctx.save_for_backward(dh, dw)
+        elif need_grad:
+            ctx.save_for_backward(h, w, valid)
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        return total / n_valid.clamp(min=1) if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduction != "none":
+            dh, dw = ctx.saved_tensors
+            return (
+                None if dh is None else dh * grad.to(dh.dtype),
+                None if dw is None else (dw * grad).to(ctx.w_dtype),
+                None, None, None, None,
+            )
+        h, w, valid = ctx.saved_tensors
+        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        g_tok = grad.float() * valid
+        for s in range(0, h.shape[0], ctx.chunk):
+            e = min(s + ctx.chunk, h.shape[0])
+            z = _logits(h[s:e], w)
+            ctx.row_fn(z, s, e, True)
+            g = z.mul_(g_tok[s:e, None]).to(h.dtype)
+            if dh is not None:
+                torch.mm(g, w, out=dh[s:e])
+            if dw is not None:
+                dw += (g.T @ h[s:e]).float() if g.dtype != torch.float32 else g.T @ h[s:e]
+        return dh, None if dw is None else dw.to(w.dtype), None, None, None, None
+
+
+def chunked_linear_loss(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    valid: torch.Tensor,
+    row_fn: RowFn,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Run ``row_fn`` over chunks of ``h @ w.T``; reduce the per-token losses over the ``valid`` tokens.
+
+    h ``(N, d)`` fp32/bf16 (2-D, contiguous); w ``(V, d)`` same dtype; valid ``(N,)`` bool.
+    Returns a scalar (mean over valid tokens -- 0 when there are none -- or sum) or ``(N,)`` fp32 losses
+    (0 at invalid tokens) for ``reduction="none"``.
+    """
+    assert reduction in REDUCTIONS, f"reduction must be one of {REDUCTIONS}, got {reduction!r}"
+    assert h.dim() == 2 and w.dim() == 2, f"h must be (N, d) and w (V, d), got {tuple(h.shape)}, {tuple(w.shape)}"
+    assert h.shape[1] == w.shape[1], f"hidden sizes differ: h {tuple(h.shape)} vs weight {tuple(w.shape)}"
+    assert h.dtype == w.dtype, f"h and weight dtypes differ: {h.dtype} vs {w.dtype}"
+    assert h.dtype in (torch.float32, torch.bfloat16), f"h must be fp32 or bf16, got {h.dtype}"
+    assert valid.shape == (h.shape[0],) and valid.dtype == torch.bool, "valid must be (N,) bool"
+    chunk = chunk_size or default_chunk_size(h.shape[0], h.shape[1], w.shape[0])
+    assert chunk >= 1, f"chunk_size must be >= 1, got {chunk}"
+    return ChunkedLinearLoss.apply(h.contiguous(), w.contiguous(), valid, row_fn, reduction, chunk)

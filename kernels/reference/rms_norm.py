@@ -1,0 +1,25 @@
+"""Torch reference for RMSNorm, optionally fused with the residual add.
+
+Matches Hugging Face ``DeepseekV3RMSNorm`` bit for bit: the sum of squares in fp32, the normalised value
+rounded to the input dtype, then multiplied by the weight and rounded again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``y = weight * (s / sqrt(mean(s**2) + eps))`` over the last dim, with ``s = x (+ residual)``.
+
+    x: ``(..., D)`` fp32 or bf16; weight: ``(D,)``; residual: like x or None.
+    Returns y ``(..., D)`` in x.dtype, or ``(y, s)`` when a residual is given (``s`` = the new residual
+    stream, ``x + residual`` rounded to x.dtype).
+    """
+    s = x if residual is None else x + residual
+    s32 = s.float()
+    rstd = torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)
+    y = (weight * (s32 * rstd).to(x.dtype)).to(x.dtype)
+    return y if residual is None else (y, s)

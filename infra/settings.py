@@ -47,6 +47,10 @@ class KubernetesSettings(BaseModel):
     credentials_secret: str = Field("moeflow-credentials", description="Secret holding S3/MLflow credentials")
     unschedulable_timeout_s: float = Field(600, gt=0, description="fail a pod still unschedulable after this")
     ttl_seconds_after_finished: int = Field(86400, ge=0)
+    backoff_limit: int = Field(2, ge=0, description="pod retries of a Job (disruptions and fail-fast exit codes aside)")
+    active_deadline_seconds: int = Field(
+        7 * 86400, gt=0, description="wall-clock limit of a Job whose JobSpec sets no timeout_s"
+    )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
 

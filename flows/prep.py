@@ -34,9 +34,13 @@ def summarize(result: StageResult) -> dict[str, Any]:
 
 def describe(summary: dict[str, Any]) -> str:
     s = summary["stats"]
-    tokens = {k: v for k, v in s.items() if k.startswith("tokens")}
-    return (f"dataset: {summary['dataset_uri']}\nMLflow run: {summary['mlflow_run_id']}"
-            f"{' (cached)' if summary.get('cached') else ''}\ntokens: {tokens}")
+    tok = s.get("tokens", {})
+    splits = ", ".join(f"{name} {v.get('tokens', 0):,}" for name, v in tok.items())
+    docs = s.get("documents", {})
+    return (f"dataset: {summary['dataset_uri']}{' (cached)' if summary.get('cached') else ''}\n"
+            f"MLflow run: {summary['mlflow_run_id']}\n"
+            f"documents: {docs.get('in', 0):,} in, {docs.get('out', 0):,} kept; tokens: {splits}; "
+            f"vocabulary: {s.get('tokenizer', {}).get('vocab_size')}")
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,9 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from infra.settings import get_settings
 
-    os.environ.setdefault("PREFECT_HOME", str(get_settings().home / "prefect"))
+    prefect_home = get_settings().home / "prefect"
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
 
 
 # ---- config files --------------------------------------------------------------------------------

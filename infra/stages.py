@@ -71,22 +71,26 @@ def canonical_json(data: Any) -> str:
 
 def content_hash(uri: str) -> str:
     """The content hash of an input: a published output's manifest digest, or a file's SHA-256."""
+    if not storage.is_remote(uri):
+        path = Path(uri.removeprefix("file://"))
+        if path.is_file():
+            return "sha256:" + storage.sha256_file(path)
+        if not path.exists():
+            raise ConfigError(f"input {uri} does not exist")
     manifest = storage.read_manifest(uri)
     if manifest is not None:
         return "manifest:" + manifest.digest()
-    if storage.is_remote(uri):
+    if not storage.is_remote(uri):
+        raise ConfigError(f"input {uri} is a directory without a {storage.MANIFEST_NAME}: "
+                          "not a published output")
+    try:
         with storage.open_read(uri) as f:
             h = hashlib.sha256()
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
             return "sha256:" + h.hexdigest()
-    path = Path(uri.removeprefix("file://"))
-    if not path.exists():
-        raise ConfigError(f"input {uri} does not exist")
-    if path.is_dir():
-        raise ConfigError(f"input {uri} is a directory without a {storage.MANIFEST_NAME}: "
-                          "not a published output")
-    return "sha256:" + storage.sha256_file(path)
+    except storage.StorageError as exc:
+        raise ConfigError(f"input {uri} does not exist or cannot be read: {exc}") from None
 
 
 def stage_key(stage: str, cfg: BaseModel, input_hashes: dict[str, str]) -> str:

@@ -33,7 +33,7 @@ def _numeric(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def run(cfg: PrepConfig, ctx: StageContext) -> StageOutput:
-    from components.data import pipeline
+    from components.data import prep as pipeline
 
     out_dir = ctx.workdir / "dataset"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -50,6 +50,6 @@ def run(cfg: PrepConfig, ctx: StageContext) -> StageOutput:
     hist = ctx.workdir / "doc_length_histogram.png"
     pipeline.plot_length_histogram(stats, hist)
     ctx.tracker.log_artifact(hist, "plots")
-    ctx.tracker.log_text(pipeline.sample_documents(out_dir), "samples.txt")
+    ctx.tracker.log_dict(pipeline.sample_documents(out_dir), "samples.json")
     headline = {k: v for k, v in metrics.items() if k.startswith(("tokens", "documents", "vocab"))}
     return StageOutput(outputs={"dataset": dataset_uri}, metrics=headline, extra={"stats": stats})

@@ -37,6 +37,45 @@ def job_command(spec: JobSpec) -> list[str]:
             "--nproc-per-node", str(r.procs_per_node), *job]
 
 
+class LineSplitter:
+    """Splits a job's output into log lines. Progress bars redraw with carriage returns: of those
+    updates, one every `progress_every_s` seconds is passed on, and the bar's final state always is."""
+
+    def __init__(self, tail: collections.deque[str], on_log: LogFn | None, progress_every_s: float = 5.0):
+        self.tail, self.on_log, self.every = tail, on_log, progress_every_s
+        self._last_progress = 0.0
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line:
+            self.tail.append(line)
+            if self.on_log:
+                self.on_log(line)
+
+    def _progress(self, raw: bytes) -> None:
+        if not raw.strip():
+            return
+        now = time.monotonic()
+        if now - self._last_progress >= self.every:
+            self._last_progress = now
+            self._emit(raw)
+
+    def feed_stream(self, stream) -> None:
+        buf = b""
+        while chunk := stream.read1(65536):
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                *updates, final = line.split(b"\r")
+                for u in updates:
+                    self._progress(u)
+                self._emit(final)
+            *updates, buf = buf.split(b"\r")
+            for u in updates:
+                self._progress(u)
+        self._emit(buf)
+
+
 class LocalLauncher(Launcher):
     name = "local"
 
@@ -82,21 +121,7 @@ class LocalLauncher(Launcher):
     @staticmethod
     def _pump(proc: subprocess.Popen, tail: collections.deque[str], on_log: LogFn | None) -> None:
         assert proc.stdout is not None
-        buf = b""
-        while chunk := proc.stdout.read1(65536):
-            buf += chunk
-            *lines, buf = buf.replace(b"\r", b"\n").split(b"\n")
-            for raw in lines:
-                line = raw.decode("utf-8", "replace").rstrip()
-                if line:
-                    tail.append(line)
-                    if on_log:
-                        on_log(line)
-        if buf.strip():
-            line = buf.decode("utf-8", "replace").rstrip()
-            tail.append(line)
-            if on_log:
-                on_log(line)
+        LineSplitter(tail, on_log).feed_stream(proc.stdout)
 
     def _stop(self, proc: subprocess.Popen) -> None:
         """SIGTERM the job's process group (torchrun forwards it to its workers), then SIGKILL."""

@@ -43,7 +43,7 @@ class LineSplitter:
 
     def __init__(self, tail: collections.deque[str], on_log: LogFn | None, progress_every_s: float = 5.0):
         self.tail, self.on_log, self.every = tail, on_log, progress_every_s
-        self._last_progress = 0.0
+        self._last_progress = float("-inf")
 
     def _emit(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip()

@@ -89,12 +89,20 @@ def _limit_memory(memory_mb: int | None) -> None:
         pass
 
 
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Daemon thread: end this worker if the pool's process died without closing it (e.g. SIGKILL)."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def _worker_main() -> None:
-    """Worker loop: an init frame (memory_mb, preload), then (fn, args) -> (status, value, detail)."""
+    """Worker loop: an init frame (parent pid, memory_mb, preload), then (fn, args) -> (status, value, detail)."""
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from verifiers go to stderr, never into the reply stream
     requests = os.fdopen(os.dup(0), "rb")
-    memory_mb, preload = _read_frame(requests)
+    parent_pid, memory_mb, preload = _read_frame(requests)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     _limit_memory(memory_mb)
     for name in preload:
         importlib.import_module(name)
@@ -131,7 +139,7 @@ class _Worker:
         self.spawned_at = time.monotonic()
         self.task: int | None = None
         self.task_started = 0.0
-        _write_frame(self.requests, (memory_mb, preload))
+        _write_frame(self.requests, (os.getpid(), memory_mb, preload))
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -210,7 +210,10 @@ def check_symbolic(answer: str, reference: str, tolerance: float | None, meta: M
     if not isinstance(got, sympy.Expr):
         return False, "answer is not an expression"
     if tolerance is not None and not got.free_symbols and not expected.free_symbols:
-        gap = abs(complex(sympy.N(got - expected, 30)))
+        try:
+            gap = abs(complex(sympy.N(got - expected, 30)))
+        except (TypeError, ValueError):  # oo, zoo, nan: no finite difference
+            return False, "difference is not a finite number"
         return gap <= tolerance, f"differs by {gap:g}"
     if sympy.simplify(got - expected) == 0:
         return True, "difference simplifies to 0"
@@ -262,6 +265,8 @@ def verify_batch(
     sandbox: SandboxPool | None = None,
 ) -> list[VerifyResult]:
     """Verify (problem, completion text) pairs; the answer is the last <answer>...</answer>.
+
+    Pass the completion alone, not prompt + completion (the prompt's instruction line holds tags too).
 
     In-process verifiers run inline; sandboxed ones are deduplicated (a GRPO group often repeats an
     answer) and run in `sandbox` (default: the shared pool), each under `timeout_s`. An unknown verifier

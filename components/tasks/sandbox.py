@@ -212,7 +212,13 @@ class SandboxPool:
         with self._lock:
             if not self._workers:
                 self._workers = [_Worker(self.memory_mb, self.preload) for _ in range(self.n_workers)]
-            return self._run_locked(calls, timeout_s)
+            try:
+                return self._run_locked(calls, timeout_s)
+            except BaseException:  # e.g. KeyboardInterrupt: in-flight calls would answer the next batch
+                for worker in self._workers:
+                    worker.kill()
+                self._workers = []
+                raise
 
     def _busy(self) -> bool:
         return any(w.task is not None for w in self._workers)

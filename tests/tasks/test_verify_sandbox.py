@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from components.tasks import VERIFIERS, Problem, SandboxPool, Verifier, verify, verify_batch
+from components.tasks import VERIFIERS, Problem, SandboxOutcome, SandboxPool, Verifier, verify, verify_batch
 
 
 def _sleepy_check(answer, reference, tolerance, meta):
@@ -51,6 +51,7 @@ def _answer(text):
         ("x**2 + 1", "(x+1)**2", None, False),
         ("sqrt(2)", "1.41421", 1e-4, True),
         ("sqrt(2)", "1.5", 1e-4, False),
+        ("oo", "1.5", 1e-4, False),
         ("1/3", "0.333", None, False),
         ("x +* 2", "x", None, False),
     ],
@@ -106,3 +107,18 @@ def test_repeated_answers_in_a_batch_are_checked_once(pool):
     results = verify_batch([(problem, _answer("x^2+2x+1"))] * 8 + [(problem, _answer("x"))] * 8, sandbox=pool)
     assert [r.correct for r in results] == [True] * 8 + [False] * 8
     assert pool.calls == calls + 2
+
+
+class _InterruptsPickling:
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+def test_interrupted_batch_leaves_no_stale_call_for_the_next_one():
+    with SandboxPool(workers=2, preload=()) as fresh:
+        with pytest.raises(KeyboardInterrupt):
+            fresh.run_many([(time.sleep, (0.3,)), (time.sleep, (_InterruptsPickling(),))], timeout_s=5)
+        assert fresh.run_many([(abs, (-2,)), (abs, (-3,))], timeout_s=5) == [
+            SandboxOutcome("ok", 2),
+            SandboxOutcome("ok", 3),
+        ]

@@ -7,8 +7,9 @@ A dataset directory, as `prepare_dataset` writes it::
     tokenizer_config.json   lets `transformers.AutoTokenizer` / `PreTrainedTokenizerFast` load the directory
     train/00000.bin ...     packed training rows
     val/00000.bin ...       packed validation rows
-    eval/<family>.jsonl     held-out problems, one JSON object a line: {"id", "family", "prompt",
-                            "question", "answer"}; never seen in train/ or val/
+    eval/<family>.jsonl     held-out problems, one JSON object a line: `Problem.to_dict()` of
+                            `components.tasks` (id, family, prompt, question, answer, verifier, meta,
+                            ...; `Problem.from_dict` rebuilds it); never seen in train/ or val/
     stats.json              what each step did: documents in/out per filter, tokens per split, input hashes
 
 `dataset.json`::
@@ -103,7 +104,8 @@ def load_tokenizer(dataset_dir: str | Path):
 
 
 def load_eval_split(dataset_dir: str | Path, family: str) -> list[dict[str, Any]]:
-    """The held-out problems of one family: dicts with id, family, prompt, question, answer."""
+    """The held-out problems of one family: `Problem.to_dict()` dicts (id, family, prompt, question, answer,
+    verifier, meta, ...); `components.tasks.Problem.from_dict(d)` turns one back into a Problem."""
     meta = load_dataset_meta(dataset_dir)
     if family not in meta.get("eval", {}):
         raise DatasetFormatError(
@@ -145,6 +147,10 @@ class PackedDataset:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers (spawn) get the paths, not copies of mapped shards; they re-map lazily
+        return {**self.__dict__, "_maps": [None] * len(self.shards)}
 
     def _shard(self, k: int) -> np.ndarray:
         m = self._maps[k]

@@ -229,6 +229,8 @@ def _read_sources(cfg: PrepConfig, corpus: _Corpus, progress: bool) -> list[dict
             docs, rep = read_file(uri, src, max_bad_fraction=cfg.max_bad_fraction, progress=progress)
             for text, where in docs:
                 corpus.add(text, where)
+            if rep.malformed:
+                log.warning("%s: skipped %d malformed records, e.g. %s", uri, rep.malformed, rep.malformed_examples)
             reports.append(vars(rep))
     return reports
 

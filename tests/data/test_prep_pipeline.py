@@ -23,7 +23,7 @@ from components.data import (
 from components.data.english import generic_documents
 from components.data.format import FORMAT_NAME, dtype_for_vocab
 from components.data.packing import ShardWriter
-from components.tasks import extract_answer, make_split
+from components.tasks import Problem, extract_answer, make_split
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_eval_split_is_written_per_family(dataset):
     expected = make_split("arithmetic", 10, 99)
     assert [r["id"] for r in rows] == [p.id for p in expected]
     assert {"id", "family", "prompt", "question", "answer"} <= set(rows[0])
-    assert rows[0]["prompt"] == expected[0].prompt and rows[0]["answer"] == expected[0].answer
+    assert [Problem.from_dict(r) for r in rows] == expected
 
 
 def test_eval_problems_never_appear_in_training_documents(dataset):
@@ -301,3 +301,13 @@ def test_config_errors_name_the_field(patch, where):
     locs = [".".join(str(x) for x in e["loc"]) for e in err.value.errors()]
     assert where in locs, locs
 
+
+
+def test_packed_dataset_pickles_without_its_mapped_shards(dataset):
+    import pickle
+
+    ds = PackedDataset(dataset[0], "train")
+    rows = np.stack([ds[i] for i in range(len(ds))])  # maps every shard
+    blob = pickle.dumps(ds)
+    assert len(blob) < len(ds) * ds.row_len * 2 / 4  # paths and the index, not the shard contents
+    np.testing.assert_array_equal(np.stack(list(pickle.loads(blob))), rows)

@@ -272,29 +272,25 @@ def _decontaminate(corpus: _Corpus, questions: list[str]) -> tuple[list[int], di
 
     Tokens are `\\w+` words and single punctuation marks, whitespace ignored, so "6+8 = ?" is found in
     "Q: 6+8 = ?" and "6 + 8 = ?" but not inside "3*16+8 = ?" (a plain substring test would drop that
-    different problem). Each question is indexed under its first <= 8 tokens; a document's token k-grams
-    find the candidates, a joined-token substring test confirms them. Linear in the corpus size.
+    different problem). Each question is indexed under its first k tokens (k = 8, or the shortest
+    question's length); a document's token k-grams find the candidates, a joined-token substring test
+    confirms them. Linear in the corpus size.
     """
     sep = "\x00"
+    qtoks = [t for t in (_TOKEN.findall(q) for q in sorted({normalize(q) for q in questions})) if t]
+    k = min([_KEY_TOKENS] + [len(t) for t in qtoks])  # one key length: one k-gram set per document
     by_key: dict[tuple[str, ...], list[str]] = {}
-    for q in sorted({normalize(q) for q in questions}):
-        toks = _TOKEN.findall(q)
-        if toks:
-            by_key.setdefault(tuple(toks[:_KEY_TOKENS]), []).append(sep + sep.join(toks) + sep)
-    key_lens = sorted({len(k) for k in by_key})
+    for toks in qtoks:
+        by_key.setdefault(tuple(toks[:k]), []).append(sep + sep.join(toks) + sep)
     keep, examples, removed = [], [], 0
     for i, text in enumerate(corpus.texts):
         hit = None
         if by_key:
             toks = _TOKEN.findall(text)
-            joined = None
-            for k in key_lens:
-                grams = by_key.keys() & set(zip(*(toks[j:] for j in range(k)), strict=False))
-                if grams:
-                    joined = joined or sep + sep.join(toks) + sep
-                    hit = next((q for g in sorted(grams) for q in by_key[g] if q in joined), None)
-                    if hit is not None:
-                        break
+            grams = by_key.keys() & set(zip(*(toks[j:] for j in range(k)), strict=False))
+            if grams:
+                joined = sep + sep.join(toks) + sep
+                hit = next((q for g in sorted(grams) for q in by_key[g] if q in joined), None)
         if hit is None:
             keep.append(i)
             continue

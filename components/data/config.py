@@ -188,7 +188,8 @@ class TokenizerConfig(_Strict):
         2048,
         ge=256 + len(SPECIAL_TOKENS) + 1,
         le=2**32 - 1,
-        description="vocabulary size including the 256 byte tokens and the special tokens",
+        description="largest vocabulary, counting the 256 byte tokens and the special tokens; training stops "
+        "earlier when no pair occurs min_frequency times (dataset.json has the real size)",
     )
     min_frequency: int = Field(2, ge=1, description="least count of a pair for it to be merged")
 

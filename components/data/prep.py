@@ -134,7 +134,7 @@ def prepare_dataset(cfg: PrepConfig, out_dir: Path, *, progress: bool = True) ->
     splits = _split(corpus, cfg)
     lap("split")
 
-    tok = train_tokenizer(splits["train"], cfg.tokenizer, length=len(splits["train"]))
+    tok = train_tokenizer(splits["train"], cfg.tokenizer, length=len(splits["train"]), progress=progress)
     ids = special_token_ids(tok)
     vocab_size = tok.get_vocab_size()
     save_tokenizer(tok, out_dir, model_max_length=cfg.packing.seq_len)

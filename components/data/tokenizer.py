@@ -39,7 +39,9 @@ def _base_tokenizer():
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, length: int | None = None):
+def train_tokenizer(
+    texts: Iterable[str], cfg: TokenizerConfig, *, length: int | None = None, progress: bool = False
+):
     """Train the BPE on `texts`; returns a `tokenizers.Tokenizer` with specials at ids 0..6."""
     from tokenizers import Tokenizer, pre_tokenizers, processors, trainers
 
@@ -49,7 +51,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, length: int |
         min_frequency=cfg.min_frequency,
         special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     bos = SPECIAL_TOKENS["bos"]

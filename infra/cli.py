@@ -151,10 +151,65 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def cmd_model(args: argparse.Namespace) -> int:
-    from components.model.cli import info_main
+def model_config_section(data: dict[str, Any]) -> dict[str, Any]:
+    """A model config from a preset (`pretrain.model`), a file with a `model:` key, or a bare model file."""
+    if isinstance(data.get("pretrain"), dict) and "model" in data["pretrain"]:
+        return data["pretrain"]["model"]
+    return data.get("model", data)
 
-    return info_main(args)
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from components.model import ModelConfig, format_info, model_info
+
+    data = apply_overrides(dict(model_config_section(load_yaml(args.config))), args.set)
+    try:
+        cfg = ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise CliError(f"{args.config}: invalid model config:\n  " + "\n  ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    info = model_info(cfg, seq_len=args.seq_len)
+    emit(info, args.json, format_info(info))
+    return 0
+
+
+def cmd_model_export(args: argparse.Namespace) -> int:
+    from components.model import export_hf
+    from components.training.checkpoint import load_model
+
+    model, _ = load_model(args.checkpoint)
+    out = export_hf(model, args.out, tokenizer_dir=load_model_dir(args.checkpoint))
+    emit({"out": str(out)}, args.json, f"exported {args.checkpoint} -> {out} (loads with transformers)")
+    return 0
+
+
+def load_model_dir(uri: str) -> Path:
+    from infra import storage
+
+    return storage.fetch_dir(uri)
+
+
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    from infra.launch.kubernetes import render_cli
+    from infra.settings import get_settings
+
+    try:
+        print(render_cli(args.stage, args.config, args.gpus, args.nodes, get_settings()))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def cmd_release_verify(args: argparse.Namespace) -> int:
+    from components.release.verify import verify_release
+
+    report = verify_release(args.uri)
+    lines = [f"  [{'ok' if c.get('ok') else 'FAIL'}] {c.get('name')}: {c.get('detail', '')}"
+             for c in report.get("checks", [])]
+    verdict = "release verified" if report["ok"] else "release verification FAILED"
+    emit(report, args.json, "\n".join([*lines, f"{verdict}: {args.uri}"]))
+    return 0 if report["ok"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +226,33 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         common(p)
         p.set_defaults(func=lambda a, s=stage: cmd_stage(s, a))
+
+    model = sub.add_parser("model", help="model arithmetic and Hugging Face export").add_subparsers(
+        dest="model_command", required=True)
+    p = model.add_parser("info", help="parameters (total/active), FLOPs per token, KV-cache bytes per token")
+    common(p)
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention FLOPs")
+    p.set_defaults(func=cmd_model_info)
+    p = model.add_parser("export", help="write a checkpoint as a Hugging Face DeepseekV3 directory")
+    p.add_argument("--checkpoint", required=True, help="URI of a trained model (a stage output)")
+    p.add_argument("--out", required=True, help="new local directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model_export)
+
+    k8s = sub.add_parser("k8s", help="Kubernetes jobs").add_subparsers(dest="k8s_command", required=True)
+    p = k8s.add_parser("render", help="print the manifests a stage would run as")
+    p.add_argument("--stage", required=True, choices=sorted({*STAGE_COMMANDS, "release"}))
+    p.add_argument("--config", required=True, help="preset or config YAML file")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (> 1: Indexed Job + headless Service)")
+    p.set_defaults(func=cmd_k8s_render)
+
+    release = sub.add_parser("release", help="model releases").add_subparsers(dest="release_command",
+                                                                               required=True)
+    p = release.add_parser("verify", help="check every SHA-256 and the logits against transformers")
+    p.add_argument("uri", help="release directory URI (local or s3://)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_release_verify)
 
     p = sub.add_parser("doctor", help="print the resolved settings (secrets masked) and check services")
     p.add_argument("--json", action="store_true")

@@ -171,7 +171,8 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
     plain: dict[str, str | None] = {
         "MOEFLOW_STORE_URI": settings.store_uri,
         "MOEFLOW_TRACKING_URI": settings.tracking_uri,
-        "MOEFLOW_ARTIFACT_URI": settings.artifact_uri,
+        # a file:// artifact root (the embedded default) means nothing inside a pod
+        "MOEFLOW_ARTIFACT_URI": None if str(settings.artifact_uri).startswith("file:") else settings.artifact_uri,
         "MOEFLOW_EXPERIMENT": settings.experiment,
         "MOEFLOW_S3__ENDPOINT_URL": settings.s3.endpoint_url,
         "MOEFLOW_S3__REGION": settings.s3.region,
@@ -293,7 +294,7 @@ def render_manifests(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
                 "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
             },
         })
-    return manifests
+    return json.loads(json.dumps(manifests))  # no shared sub-dicts (no YAML anchors, no aliasing)
 
 
 def render_cli(stage: str, config_file: str, gpus: int | None = None, nodes: int | None = None,
@@ -326,13 +327,15 @@ def render_cli(stage: str, config_file: str, gpus: int | None = None, nodes: int
                    result_uri=f"{base}/result.json", resources=resources)
     manifests = render_manifests(spec, settings)
     header = [
-        f"# moeflow k8s render --stage {stage} --config {config_file}: "
-        f"{resources.nodes} node(s) x {resources.gpus} GPU(s), {resources.procs_per_node} process(es) per node",
-        f"# {ANNOTATION_CONFIG} ({spec.config_uri}) is a deterministic placeholder under the store URI:",
-        "# a flow uploads the validated job config there before it submits these manifests.",
+        f"# moeflow k8s render --stage {stage} --config {config_file}",
+        f"# {resources.nodes} node(s) x {resources.gpus} GPU(s), {resources.procs_per_node} process(es) per node",
+        f"# The config URI is a deterministic placeholder under the store URI: {spec.config_uri}",
+        "# (a flow uploads the validated job config there before it submits these manifests).",
     ]
     if not str(settings.store_uri).startswith("s3://"):
-        header.append(f"# warning: store_uri {settings.store_uri} is not s3://; pods cannot read a local path.")
+        header.append(f"# warning: store_uri {settings.store_uri} is a local path, which pods cannot read.")
+    if not str(settings.tracking_uri).startswith(("http://", "https://")):
+        header.append(f"# warning: tracking_uri {settings.tracking_uri} is no MLflow server pods can reach.")
     docs = [yaml.safe_dump(m, sort_keys=False) for m in manifests]
     return "\n".join(header) + "\n---\n" + "---\n".join(docs)
 

@@ -45,7 +45,10 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from infra.settings import get_settings
 
-    prefect_home = get_settings().home / "prefect"
+    settings = get_settings()
+    if settings.prefect_api_url:
+        os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
+    prefect_home = settings.home / "prefect"
     prefect_home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
 
@@ -212,6 +215,46 @@ def cmd_release_verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from infra.deploy import deploy_all
+    from infra.settings import get_settings
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise CliError("moeflow deploy registers deployments on a Prefect server: set MOEFLOW_PREFECT_API_URL "
+                       "(e.g. http://prefect.example:4200/api)", code=2)
+    image = args.image or get_settings().kubernetes.image
+    ids = deploy_all(image)
+    emit({"deployments": ids, "image": image}, args.json,
+         f"registered {len(ids)} deployments on {os.environ['PREFECT_API_URL']} (image {image})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from infra.deploy import serve_all
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise CliError("moeflow serve needs a Prefect server to register with: set MOEFLOW_PREFECT_API_URL, "
+                       "or run `moeflow up`, which starts a local one with the UIs", code=2)
+    print(f"serving every deployment of prefect.yaml against {os.environ['PREFECT_API_URL']} (Ctrl-C stops)",
+          file=sys.stderr)
+    serve_all()
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from infra.local_services import LocalServices
+
+    with LocalServices(prefect_port=args.prefect_port, mlflow_port=args.mlflow_port) as services:
+        print(services.banner(), file=sys.stderr, flush=True)
+        if args.no_serve:
+            services.wait()
+        else:
+            from infra.deploy import serve_all
+
+            serve_all()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeflow", description="DeepSeek-style LLM training platform")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", help="release directory URI (local or s3://)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_release_verify)
+
+    p = sub.add_parser("deploy", help="register prefect.yaml's deployments on a Kubernetes work pool")
+    p.add_argument("--image", default=None, help="job image (default: settings kubernetes.image)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_deploy)
+    p = sub.add_parser("serve", help="serve every deployment from this process (local runs, schedules)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("up", help="start the Prefect UI and MLflow UI on the embedded stores and serve the flows")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--no-serve", action="store_true", help="only the UIs, no deployments")
+    p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("doctor", help="print the resolved settings (secrets masked) and check services")
     p.add_argument("--json", action="store_true")

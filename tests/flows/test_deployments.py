@@ -1,0 +1,77 @@
+"""prefect.yaml's deployments registered against a real local Prefect server (started on loopback):
+the Kubernetes work pool with moeflow's base job template, every flow, the nightly evaluation cron, and
+parameter schemas that the UI renders as forms."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import yaml
+
+from infra.deploy import PREFECT_YAML, deploy_all, load_entries
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    import os
+
+    from infra.local_services import LocalServices
+    from infra.settings import get_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = {k: os.environ.get(k) for k in ("MOEFLOW_HOME", "PREFECT_API_URL", "PREFECT_HOME")}
+    os.environ["MOEFLOW_HOME"] = str(home)
+    os.environ["PREFECT_HOME"] = str(home / "prefect")
+    get_settings.cache_clear()
+    services = LocalServices(prefect_port=_free_port(), start_mlflow=False).start()
+    try:
+        yield services.prefect_api_url
+    finally:
+        services.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()
+
+
+def test_every_deployment_registers_with_schedules_and_schemas(prefect_server):
+    from prefect.client.orchestration import get_client
+
+    ids = deploy_all(image="registry.example/moeflow-job:test")
+    entries = load_entries()
+    assert len(ids) == len(entries)
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("moeflow-kubernetes")
+        assert pool.type == "kubernetes"
+        variables = pool.base_job_template["variables"]["properties"]
+        assert {"image", "gpus", "node_selector", "tolerations"} <= set(variables)
+        deployments = {d.name: d for d in client.read_deployments()}
+    assert set(deployments) == {e["name"] for e in entries}
+
+    nightly = deployments["eval-champion"]
+    crons = [s.schedule.cron for s in nightly.schedules]
+    assert crons == ["0 3 * * *"]
+    assert nightly.parameters == {"model_name": "moeflow-teacher", "alias": "champion"}
+    assert "model_name" in nightly.parameter_openapi_schema["properties"]
+
+    pretrain = deployments["pretrain"]
+    assert pretrain.work_pool_name == "moeflow-kubernetes"
+    assert pretrain.job_variables["gpus"] == 8
+    assert pretrain.job_variables["image"] == "registry.example/moeflow-job:test"
+    schema = pretrain.parameter_openapi_schema
+    assert "config" in schema["properties"], schema  # the typed config renders as a form
+    assert deployments["prep"].parameter_openapi_schema["definitions"]["PrepConfig"]["properties"]["tokenizer"]
+
+
+def test_prefect_yaml_declares_one_deployment_per_flow_and_the_pipeline():
+    names = {d["name"] for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    assert {"prep", "pretrain", "rl", "distill", "eval", "release", "pipeline", "eval-champion"} <= names

@@ -84,7 +84,7 @@ class MTPModule(Block):
         super().__init__(cfg, moe=True)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg.fp8)
         self.shared_head = SharedHead(cfg)
 
     def forward_mtp(self, h_prev_BTD, emb_BTD, cos, sin):
@@ -180,8 +180,14 @@ class MoEFlowForCausalLM(nn.Module):
         """(B, T) token ids -> (B, T, D) hidden states after the final norm."""
         return self.norm(self._trunk(input_ids_BT)[0])
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, V) logits (materialised: use ``compute_loss`` to train)."""
+    def forward(self, input_ids_BT: torch.Tensor, labels: torch.Tensor | None = None):
+        """(B, T) token ids -> (B, T, V) logits (materialised).
+
+        With ``labels`` it returns ``compute_loss(input_ids, labels)`` instead, so that wrappers which
+        hook ``forward`` (DDP, FSDP) see the training step.
+        """
+        if labels is not None:
+            return self.compute_loss(input_ids_BT, labels)
         return F.linear(self.hidden_states(input_ids_BT), self.output_weight())
 
     def forward_cached(self, input_ids_BT: torch.Tensor, cache: LatentCache, last_only: bool = True) -> torch.Tensor:

@@ -7,11 +7,10 @@ STAMP := $(VENV)/.moeflow-installed
 # Quiet, offline-friendly defaults for the embedded Prefect API and MLflow.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
-export PREFECT_LOGGING_LEVEL ?= WARNING
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench image clean
+.PHONY: install browser demo test lint bench image clean
 
 install: $(STAMP)
 
@@ -26,8 +25,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/moeflow pipeline --preset tiny
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium (Debian's package) for the test that opens the Prefect and MLflow UIs.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (Debian package) for the UI test..."; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	      || echo "could not install chromium: the UI test will be skipped"; \
+	  else echo "chromium not found and not root: the UI test will be skipped"; fi; }
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,117 @@
+"""Evaluation flows: compare models in one table (`eval_flow`), and the recurring evaluation of the
+registry's champion (`eval_champion_flow`, deployed on a nightly cron by `prefect.yaml`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from components.eval.config import EvalConfig, ModelRef, SamplingConfig, SuiteConfig
+from components.eval.history import append_history, history_figure, history_uri
+from components.eval.report import markdown_report, metric_key, table_rows
+from flows.common import parent_run, run_stage
+from infra import storage
+from infra.jobs import StageResult
+from infra.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+@flow(name="eval", description="Evaluate models (checkpoints, releases, models:/NAME@ALIAS) side by side.")
+def eval_flow(config: EvalConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    with parent_run("eval", params=data) as parent:
+        result = run_stage("eval", data, parent.run_id)
+        summary = summarize(result)
+        parent.log_metrics(result.metrics)
+        parent.log_text(summary["markdown"], "report.md")
+        publish_artifacts(summary, key="eval-report")
+    summary["parent_run_id"] = parent.run_id
+    return summary
+
+
+def summarize(result: StageResult) -> dict[str, Any]:
+    """The CLI's JSON: the report URI, the job's MLflow run, one entry per model, the table."""
+    report_uri = result.outputs["report"]
+    report = storage.read_json(storage.join_uri(report_uri, "report.json"))
+    k_values = report["settings"]["k_values"]
+    models = [{"name": r["name"], "uri": r["uri"], "ref": r.get("ref"), "metrics": r["metrics"],
+               "val_loss": r["val_loss"],
+               "efficiency": {k: v for k, v in r["efficiency"].items() if k != "lineage"}}
+              for r in report["rows"]]
+    return {"report_uri": report_uri, "mlflow_run_id": result.mlflow_run_id, "cached": result.cached,
+            "suite": report["suite"], "models": models, "table": table_rows(report["rows"], k_values),
+            "markdown": markdown_report(report)}
+
+
+def publish_artifacts(summary: dict[str, Any], key: str) -> None:
+    """The report as a Prefect markdown artifact and a table artifact (in the flow process)."""
+    try:
+        create_markdown_artifact(key=key, markdown=summary["markdown"], description="model comparison")
+        create_table_artifact(key=f"{key}-table", table=summary["table"], description="model comparison")
+    except Exception as exc:  # an artifact is a convenience; never fail an evaluation for it
+        log.warning("could not create the Prefect artifacts: %s", exc)
+
+
+def describe(summary: dict[str, Any]) -> str:
+    head = (f"report: {summary['report_uri']}\nMLflow run: {summary['mlflow_run_id']}"
+            f"{' (cached)' if summary.get('cached') else ''}")
+    table = summary["markdown"].split("\n\n")[1] if "\n\n" in summary["markdown"] else summary["markdown"]
+    return f"{head}\n{table}"
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    return eval_flow(EvalConfig.model_validate(config))
+
+
+# ---- recurring evaluation of the champion ---------------------------------------------------------
+@flow(name="eval-champion", description="Evaluate models:/<name>@<alias> and append to its history plot.")
+def eval_champion_flow(
+    model_name: str = "moeflow",
+    alias: str = "champion",
+    dataset: str | None = None,
+    task_files: list[str] | None = None,
+    max_per_family: int | None = 50,
+    sampling: SamplingConfig | None = None,
+) -> dict[str, Any]:
+    """Evaluate the model version the alias points at now, append a row to
+    `<store>/eval-history/<name>-<alias>.json`, and log the row and the history plot to MLflow.
+
+    dataset: the suite's prepared dataset (null: the one in the model's lineage); task_files: user JSONL tasks.
+    """
+    from components.eval.models import registry_version, resolve_model_ref
+
+    ref = f"models:/{model_name}@{alias}"
+    version = registry_version(ref)
+    model_uri = resolve_model_ref(ref)
+    config = EvalConfig(
+        models=[ModelRef(uri=ref, name=f"{model_name}@{alias}")],
+        suite=SuiteConfig(dataset=dataset, task_files=task_files or [], max_per_family=max_per_family),
+        sampling=sampling or SamplingConfig(),
+    )
+    data = config.model_dump(mode="json")
+    with parent_run("eval-champion", params={"model": ref, "version": version, **data}) as parent:
+        result = run_stage("eval", data, parent.run_id)
+        summary = summarize(result)
+        row = {
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "model": ref, "version": version, "model_uri": model_uri,
+            "metrics": summary["models"][0]["metrics"], "val_loss": summary["models"][0]["val_loss"],
+            "report_uri": summary["report_uri"], "eval_mlflow_run_id": result.mlflow_run_id,
+            "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
+        }
+        hist_uri = history_uri(get_settings().store_uri, model_name, alias)
+        history = append_history(hist_uri, row)
+        parent.log_metrics({metric_key(k): v for k, v in row["metrics"].items()}, step=len(history) - 1)
+        parent.set_tags({"moeflow.model_ref": ref, "moeflow.model_version": version,
+                         "moeflow.history_uri": hist_uri})
+        parent.log_dict(history, "history.json")
+        parent.log_figure(history_figure(history, f"{ref} over time"), "plots/history.png")
+        publish_artifacts(summary, key="eval-champion")
+    return {"history_uri": hist_uri, "evaluations": len(history), "row": row, "parent_run_id": parent.run_id,
+            **{k: summary[k] for k in ("report_uri", "mlflow_run_id", "cached")}}

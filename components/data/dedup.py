@@ -27,7 +27,6 @@ from .config import DedupConfig
 
 N_EXAMPLES = 3
 _WORD = re.compile(r"\w+|[^\w\s]")
-_MASK64 = (1 << 64) - 1
 
 
 def text_hash(text: str) -> bytes:
@@ -62,38 +61,22 @@ class _Ids(dict):
 
 
 class _Shingler:
-    """Maps a text to the 32-bit hashes of its shingles (deterministic: no Python `hash`)."""
+    """Maps a text to its set of shingles, each a tuple of n unit ids (ids by first appearance)."""
 
     def __init__(self, unit: str, n: int):
         self.unit, self.n = unit, n
         self.ids = _Ids()
-        # odd 64-bit multipliers of a polynomial hash over the n unit ids
-        rng = np.random.default_rng(0x5EED)
-        self.mult = (rng.integers(1, 1 << 62, size=n, dtype=np.uint64) * 2 + 1).astype(np.uint64)
 
-    def units(self, text: str) -> list[str]:
-        if self.unit == "word":
-            return _WORD.findall(text)
-        return list(" ".join(text.split()))
-
-    def __call__(self, text: str) -> list[int]:
-        ids = self.ids
-        units = self.units(text)
-        if not units:
-            return []
-        # ids by first appearance, so the same corpus gives the same ids (text_hash would be slower)
-        arr = np.array(list(map(ids.__getitem__, units)), dtype=np.uint64)
-        n = min(self.n, len(arr))
-        m = len(arr) - n + 1
-        h = np.zeros(m, dtype=np.uint64)
-        for k in range(n):
-            h = h * np.uint64(0x100000001B3) + arr[k : k + m] * self.mult[k]
-        h ^= h >> np.uint64(29)
-        return np.unique((h >> np.uint64(32)).astype(np.uint32)).tolist()
+    def __call__(self, text: str) -> set[tuple[int, ...]]:
+        units = _WORD.findall(text) if self.unit == "word" else list(" ".join(text.split()))
+        ids = list(map(self.ids.__getitem__, units))
+        n = min(self.n, len(ids))
+        return set(zip(*(ids[k:] for k in range(n)), strict=False)) if n else set()
 
 
-def _identity(x: int) -> int:
-    return x
+def _shingle_hash(shingle: tuple[int, ...]) -> int:
+    # the hash of a tuple of ints is not salted (PYTHONHASHSEED only affects str/bytes): deterministic
+    return hash(shingle) & 0xFFFFFFFF
 
 
 def dedup(
@@ -111,8 +94,8 @@ def dedup(
     seen: dict[bytes, int] = {}
     lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
     shingler = _Shingler(cfg.shingle, cfg.ngram)
-    proto = MinHash(num_perm=cfg.num_perm, seed=1, hashfunc=_identity)
-    kept_mh: dict[int, MinHash] = {}
+    mh = MinHash(num_perm=cfg.num_perm, seed=1, hashfunc=_shingle_hash)  # reused: cleared per document
+    signatures: dict[int, np.ndarray] = {}  # kept documents' MinHash values, to confirm LSH candidates
     for i in tqdm(range(len(texts)), desc="dedup", unit=" doc", disable=not progress, leave=False):
         t = texts[i]
         if cfg.exact:
@@ -125,11 +108,12 @@ def dedup(
                 continue
             seen[h] = i
         if lsh is not None:
-            mh = proto.copy()
+            mh.clear()
             mh.update_batch(shingler(t))
             dup = None
             for j in sorted(lsh.query(mh)):
-                if kept_mh[j].jaccard(mh) >= cfg.threshold:
+                # estimated Jaccard = share of equal MinHash values (what MinHash.jaccard computes)
+                if np.count_nonzero(signatures[j] == mh.hashvalues) >= cfg.threshold * cfg.num_perm:
                     dup = j
                     break
             if dup is not None:
@@ -138,6 +122,6 @@ def dedup(
                     report.near_examples.append(f"{origins[i]} ~ {origins[dup]}")
                 continue
             lsh.insert(i, mh, check_duplication=False)
-            kept_mh[i] = mh
+            signatures[i] = mh.hashvalues.copy()
         keep.append(i)
     return keep, report.as_dict()

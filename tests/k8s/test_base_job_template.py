@@ -116,3 +116,10 @@ def test_flow_run_pods_get_credentials_by_reference_and_their_own_identity(templ
     assert env["MOEFLOW_OWNER_POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
     assert env["MOEFLOW_OWNER_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert c["envFrom"] == [{"configMapRef": {"name": "moeflow-settings", "optional": True}}]
+
+
+def test_flow_runs_replace_the_images_moeflow_job_entry_point(template):
+    """The job image's ENTRYPOINT is moeflow-job; Prefect passes its command as `args`, so the template
+    sets `command` to /usr/bin/env, which runs `prefect flow-run execute` itself."""
+    c = as_job(render(template))["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["/usr/bin/env"] and c["args"] == ["prefect", "flow-run", "execute"]

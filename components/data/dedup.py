@@ -9,9 +9,10 @@ their numbers ("Solve 3x+5=20" vs "Solve 3x+7=20"). Word n-grams over a tokenisa
 and punctuation mark is its own word change in every shingle that touches a changed number, so such
 problems stay apart, while prose with a word or two edited still collides. Measured on the tiny preset's
 corpus (12,000 problems + 2,000 prose documents, threshold 0.8, 128 permutations; `python -m bench.prep`
-reproduces it): word 5-grams remove 21 documents (0.15%: countdown problems whose numbers come in another
-order and whose worked solutions coincide), word 3-grams 335, character 5-grams 461 — 7.6% of the linear
-equations — and the loss grows with the corpus (more problems, more close pairs). Default: word 5-grams.
+reproduces it, see bench/results/prep_cpu.md): word 5-grams remove 24 documents (0.17%: mostly countdown
+problems whose numbers come in another order and whose worked solutions coincide), word 3-grams 389,
+character 5-grams 408 (7% of the list problems, 4.5% of the linear equations), character 10-grams 14.
+The loss grows with the corpus (more problems, more close pairs). Default: word 5-grams.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -44,6 +46,12 @@ def small_config(**over) -> ModelConfig:
     return ModelConfig(**{**base, **over})
 
 
+@pytest.fixture(scope="session")
+def config_of():
+    """small_config(**overrides) -> a very small ModelConfig (2 dense layers unless overridden)."""
+    return small_config
+
+
 @pytest.fixture
 def make_model(tok):
     def make(seed: int = 0, **over) -> Transformer:
@@ -51,3 +59,46 @@ def make_model(tok):
         return Transformer(small_config(**{"vocab_size": tok.get_vocab_size(), **over}))
 
     return make
+
+
+@pytest.fixture
+def publish_model(tok, tmp_path):
+    """publish(model, name) -> URI of the model published in the store (save_model layout + tokenizer)."""
+    from components.data.tokenizer import save_tokenizer
+    from components.training.checkpoint import save_model
+    from infra import storage
+    from infra.settings import get_settings
+
+    tok_dir = tmp_path / "tokenizer"
+    save_tokenizer(tok, tok_dir, model_max_length=256)
+
+    def publish(model, name: str) -> str:
+        local = save_model(model, model.cfg, tmp_path / name, tok_dir)
+        uri = storage.join_uri(get_settings().store_uri, "test", tmp_path.name, name, "model")
+        storage.publish_dir(local, uri, meta={"kind": "model"})
+        return uri
+
+    return publish
+
+
+@pytest.fixture(scope="module")
+def distill_home(tmp_path_factory):
+    """One MOEFLOW_HOME (store + MLflow SQLite) for a whole test module: creating MLflow's database costs
+    seconds, so the stage tests share one (each uses its own model names and store paths)."""
+    from infra.settings import get_settings
+    from infra.storage import reset_clients
+
+    home = tmp_path_factory.mktemp("distill-home")
+    saved = {k: os.environ.get(k) for k in ("MOEFLOW_HOME", "MOEFLOW_STORE_URI")}
+    os.environ["MOEFLOW_HOME"] = str(home)
+    os.environ.pop("MOEFLOW_STORE_URI", None)
+    get_settings.cache_clear()
+    reset_clients()
+    yield str(home)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    get_settings.cache_clear()
+    reset_clients()

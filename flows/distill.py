@@ -1,0 +1,62 @@
+"""The distillation flow: a teacher in (an RL checkpoint or any release), verified traces and a student out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from components.distill.config import DistillConfig
+from flows.common import parent_run, run_stage
+from infra import storage
+from infra.jobs import StageResult
+
+HEADLINE = ("traces_kept", "traces_problems_solved", "traces_accept_rate", "traces_train", "traces_val",
+            "sft_steps", "sft_loss", "val_completion_loss", "teacher_val_completion_loss", "student_active_params",
+            "teacher_active_params", "active_ratio", "device_hours", "cost_usd")
+
+
+@flow(name="distill", description="Distil a teacher into a smaller student: rejection-sampled traces, SFT, "
+      "logit distillation.")
+def distill_flow(config: DistillConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    with parent_run("distill", params=data) as parent:
+        result = run_stage("distill", data, parent.run_id)
+        summary = summarize(result)
+        parent.log_metrics(result.metrics)
+        parent.set_tags({"moeflow.student_uri": summary["student_uri"], "moeflow.traces_uri": summary["traces_uri"]})
+        try:
+            create_markdown_artifact(key="distill-summary", markdown=markdown(summary),
+                                     description="distillation: traces and student")
+        except Exception:  # an artifact is a convenience; never fail a flow for it
+            pass
+    summary["parent_run_id"] = parent.run_id
+    return summary
+
+
+def summarize(result: StageResult) -> dict[str, Any]:
+    """The CLI's JSON: student and traces URIs, the job's MLflow run, trace statistics and metrics."""
+    traces_uri = result.outputs["traces"]
+    stats_uri = storage.join_uri(traces_uri, "stats.json")
+    stats = storage.read_json(stats_uri) if storage.exists(stats_uri) else {}
+    return {"student_uri": result.outputs["student"], "traces_uri": traces_uri,
+            "mlflow_run_id": result.mlflow_run_id, "cached": result.cached, "trace_stats": stats,
+            "metrics": {k: result.metrics[k] for k in HEADLINE if k in result.metrics}}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in summary["metrics"].items())
+    return (f"# Distillation\n\nstudent: `{summary['student_uri']}`\n\ntraces: `{summary['traces_uri']}`\n\n"
+            f"| metric | value |\n|---|---|\n{rows}\n")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    m = summary["metrics"]
+    line = ", ".join(f"{k} {v:.4g}" for k, v in m.items())
+    return (f"student: {summary['student_uri']}\ntraces: {summary['traces_uri']}\nMLflow run: "
+            f"{summary['mlflow_run_id']}{' (cached)' if summary.get('cached') else ''}\n{line}")
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    return distill_flow(DistillConfig.model_validate(config))

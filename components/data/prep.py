@@ -183,6 +183,7 @@ def prepare_dataset(cfg: PrepConfig, out_dir: Path, *, progress: bool = True) ->
         {
             "documents": {
                 "read": n_read,
+                "malformed_skipped": sum(r["malformed"] for r in stats["inputs"]),
                 "generated": stats["generators"]["documents"],
                 "in": n_read + stats["generators"]["documents"],
                 "out": len(corpus),

@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ FAIL_FAST_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_DIVERGED)
 STUCK_WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 RUN_AS_UID = 1000  # the `moeflow` user of infra/docker/Dockerfile
 TAIL_LINES = 40
+LOG_RESUME_MARGIN_S = 60  # a resumed log stream starts this much before the last line shown (clock skew)
+MAX_LOG_RESUMES = 20  # per pod
 MAX_JOB_NAME = 52  # room for the "-<index>" hostname suffix of Indexed Jobs within 63 characters
 
 LABEL_STAGE = "moeflow.dev/stage"
@@ -380,9 +383,11 @@ class _Api:
         return self._json(self.core.list_namespaced_event(self.ns, field_selector=field_selector,
                                                           _preload_content=False))["items"]
 
-    def log_stream(self, pod: str, *, follow: bool = True, tail_lines: int | None = None) -> Any:
+    def log_stream(self, pod: str, *, follow: bool = True, tail_lines: int | None = None,
+                   since_seconds: int | None = None, timestamps: bool = False) -> Any:
         return self.core.read_namespaced_pod_log(pod, self.ns, container=CONTAINER, follow=follow,
-                                                 tail_lines=tail_lines, _preload_content=False)
+                                                 tail_lines=tail_lines, since_seconds=since_seconds,
+                                                 timestamps=timestamps, _preload_content=False)
 
 
 def _status(exc: BaseException) -> int | None:
@@ -477,7 +482,7 @@ class _JobRun:
         self.name = self.manifests[0]["metadata"]["name"]
         self.multi = spec.resources.nodes > 1
         self.tails: dict[str, collections.deque[str]] = {}
-        self.streams: dict[str, threading.Thread] = {}
+        self.logs: dict[str, _PodLog] = {}
         self.stuck_since: dict[str, float] = {}
         self.lock = threading.Lock()
         self.deleted = False
@@ -616,42 +621,68 @@ class _JobRun:
             return [line for t in self.tails.values() for line in t][-TAIL_LINES:]
 
     def _stream(self, pod: dict) -> None:
+        """Follow the log of a pod whose container has started; resume a stream that broke (an idle
+        connection closed by a load balancer, an API server restart) while the container still runs."""
         name = _pod_name(pod)
         state = _container_state(pod)
-        started = "running" in state or "terminated" in state
-        if name in self.streams or not started:
+        plog = self.logs.get(name)
+        if plog is None:
+            if "running" not in state and "terminated" not in state:
+                return  # no logs before the container starts
+            index = _node_index(pod)
+            plog = self.logs[name] = _PodLog(f"[node {index}] " if self.multi and index is not None else "")
+        elif plog.thread is not None and (plog.thread.is_alive() or "running" not in state
+                                          or plog.resumes >= MAX_LOG_RESUMES):
             return
-        index = _node_index(pod)
-        prefix = f"[node {index}] " if self.multi and index is not None else ""
-        t = threading.Thread(target=self._pump, args=(name, prefix), name=f"logs-{name}", daemon=True)
-        self.streams[name] = t
-        t.start()
+        elif plog.thread is not None:
+            plog.resumes += 1
+            log.debug("log stream of pod %s ended while it runs: resuming (%d)", name, plog.resumes)
+        plog.thread = threading.Thread(target=self._pump, args=(name, plog), name=f"logs-{name}", daemon=True)
+        plog.thread.start()
 
-    def _pump(self, pod: str, prefix: str) -> None:
+    def _pump(self, pod: str, plog: _PodLog, follow: bool = True) -> None:
+        """Stream a pod's log with timestamps, showing only lines newer than the last one shown."""
+        since = None
+        if plog.last_ns is not None:
+            since = max(1, math.ceil(time.time() - plog.last_ns / 1e9) + LOG_RESUME_MARGIN_S)
         try:
-            resp = self.api.log_stream(pod)
+            resp = self.api.log_stream(pod, follow=follow, since_seconds=since, timestamps=True)
         except Exception as exc:
             log.debug("no logs from pod %s: %s", pod, exc)
             return
         buf = b""
         try:
             while chunk := resp.read1(65536):
-                buf += chunk
-                *lines, buf = buf.replace(b"\r", b"\n").split(b"\n")
+                *lines, buf = (buf + chunk).split(b"\n")
                 for raw in lines:
-                    if line := raw.decode("utf-8", "replace").rstrip():
-                        self._emit(prefix + line, pod)
-            if line := buf.decode("utf-8", "replace").rstrip():
-                self._emit(prefix + line, pod)
-        except Exception as exc:  # the stream broke (pod deleted, API restarted): logs are best effort
+                    self._line(pod, plog, raw)
+            self._line(pod, plog, buf)
+        except Exception as exc:  # the stream broke: `_stream` resumes it while the pod runs
             log.debug("log stream of pod %s ended: %s", pod, exc)
         finally:
             resp.release_conn()
 
+    def _line(self, pod: str, plog: _PodLog, raw: bytes) -> None:
+        stamp, _, text = raw.decode("utf-8", "replace").partition(" ")
+        ns = _timestamp_ns(stamp)
+        if ns is None:  # not a timestamped line: show it whole
+            text, ns = f"{stamp} {text}" if text else stamp, plog.last_ns
+        elif plog.last_ns is not None and ns <= plog.last_ns:
+            return  # already shown before the stream was resumed
+        plog.last_ns = ns
+        for piece in text.split("\r"):  # progress bars redraw with carriage returns
+            if piece := piece.rstrip():
+                self._emit(plog.prefix + piece, pod)
+
     def _drain(self) -> None:
+        """The job ended: let the streams finish, then read what a broken stream may have missed."""
         deadline = time.monotonic() + self.launcher.log_drain_s
-        for t in list(self.streams.values()):
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        for plog in self.logs.values():
+            if plog.thread is not None:
+                plog.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for name, plog in self.logs.items():
+            if plog.thread is None or not plog.thread.is_alive():
+                self._pump(name, plog, follow=False)
 
     def _check_stuck(self, pods: list[dict]) -> None:
         now = time.monotonic()
@@ -720,6 +751,28 @@ class _JobRun:
         except Exception as exc:
             raise JobFailed(f"job {self.name} ({self.spec.stage}) completed but left no readable result at "
                             f"{self.spec.result_uri}: {exc}", exit_code=0, log_tail=self._tail()) from exc
+
+
+class _PodLog:
+    """The log stream of one pod: its thread, its prefix, and the timestamp of the last line shown."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.thread: threading.Thread | None = None
+        self.last_ns: int | None = None
+        self.resumes = 0
+
+
+_TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
+
+
+def _timestamp_ns(stamp: str) -> int | None:
+    """Nanoseconds since the epoch of an RFC 3339 timestamp as the kubelet writes them, else None."""
+    m = _TIMESTAMP.match(stamp)
+    if not m:
+        return None
+    when = datetime.fromisoformat(m[1] + ("+00:00" if m[3] == "Z" else m[3]))
+    return int(when.timestamp()) * 10**9 + int((m[2] or "").ljust(9, "0"))
 
 
 def _stuck_reason(pod: dict) -> tuple[str, str] | None:

@@ -28,6 +28,7 @@ import json
 import re
 import secrets
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -62,7 +63,8 @@ class FakeKube:
         self.pods: dict[str, dict] = {}
         self.services: dict[str, dict] = {}
         self.events: list[dict] = []
-        self.logs: dict[str, list[str]] = {}
+        self.logs: dict[str, list[tuple[int, str]]] = {}  # pod -> [(time in ns, line)]
+        self.drops: dict[str, int] = {}  # pod -> how many times its log streams were cut
         self.requests: list[Request] = []
         self.deletions: list[tuple[str, str | None]] = []  # (job name, propagationPolicy)
         self.errors: list[str] = []  # exceptions raised by scenario threads
@@ -151,7 +153,15 @@ class FakeKube:
 
     def log(self, pod: str, *lines: str) -> None:
         with self.cond:
-            self.logs[pod].extend(lines)
+            for line in lines:
+                last = self.logs[pod][-1][0] if self.logs[pod] else 0
+                self.logs[pod].append((max(time.time_ns(), last + 1), line))
+            self.cond.notify_all()
+
+    def drop_log_streams(self, pod: str) -> None:
+        """End the open follow streams of a pod, as an idle timeout or an API server restart would."""
+        with self.cond:
+            self.drops[pod] = self.drops.get(pod, 0) + 1
             self.cond.notify_all()
 
     def finish(self, pod: str, exit_code: int) -> None:
@@ -257,7 +267,9 @@ class _Handler(BaseHTTPRequestHandler):
     do_DELETE = lambda self: self._route("DELETE")  # noqa: E731
 
     def _record(self, verb: str, resource: str, name: str | None, query: dict, body: Any) -> None:
-        self.kube.requests.append(Request(verb, resource, name, query, body))
+        with self.kube.cond:
+            self.kube.requests.append(Request(verb, resource, name, query, body))
+            self.kube.cond.notify_all()
 
     def _validate(self, body: dict, ns: str) -> str | None:
         try:
@@ -360,11 +372,20 @@ class _Handler(BaseHTTPRequestHandler):
             if "running" not in state and "terminated" not in state:
                 return self._status(400, "BadRequest", f'container "job" in pod "{pod}" is waiting to start: '
                                                        "ContainerCreating")
-            lines = list(k.logs[pod])
+            drops = k.drops.get(pod, 0)
+        since_ns = time.time_ns() - int(query["sinceSeconds"]) * 10**9 if "sinceSeconds" in query else 0
+        stamps = query.get("timestamps") == "true"
+
+        def fmt(entries: list[tuple[int, str]]) -> bytes:
+            return "".join(f"{rfc3339nano(ns)} {line}\n" if stamps else f"{line}\n"
+                           for ns, line in entries if ns >= since_ns).encode()
+
         if query.get("follow") != "true":
+            with k.cond:
+                entries = list(k.logs[pod])
             if "tailLines" in query:
-                lines = lines[-int(query["tailLines"]):]
-            data = "".join(f"{line}\n" for line in lines).encode()
+                entries = entries[-int(query["tailLines"]):]
+            data = fmt(entries)
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(data)))
@@ -378,16 +399,23 @@ class _Handler(BaseHTTPRequestHandler):
         sent = 0
         while True:
             with k.cond:
-                k.cond.wait_for(lambda n=sent: k.closing or len(k.logs.get(pod, ())) > n or k._finished(pod),
-                                timeout=1)
-                new = k.logs.get(pod, [])[sent:]
+                k.cond.wait_for(lambda n=sent: k.closing or len(k.logs.get(pod, ())) > n or k._finished(pod)
+                                or k.drops.get(pod, 0) != drops, timeout=1)
+                cut = k.drops.get(pod, 0) != drops
+                new = [] if cut else k.logs.get(pod, [])[sent:]
                 sent += len(new)
-                done = k.closing or k._finished(pod)
-            if new:
-                data = "".join(f"{line}\n" for line in new).encode()
+                done = cut or k.closing or k._finished(pod)
+            if data := fmt(new):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
             if done:
                 break
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+def rfc3339nano(ns: int) -> str:
+    """Go's time.RFC3339Nano in UTC, as the kubelet writes log timestamps (trailing zeros trimmed)."""
+    base = datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    frac = f"{ns % 10**9:09d}".rstrip("0")
+    return f"{base}.{frac}Z" if frac else f"{base}Z"

@@ -13,7 +13,14 @@ from kube_fake import FakeKube
 
 from infra import storage
 from infra.jobs import EXIT_BAD_INPUT, JobFailed, JobSpec, Resources, StageResult
-from infra.launch.kubernetes import LABEL_FLOW_RUN, LABEL_JOB, TAIL_LINES, preset_resources, render_manifests
+from infra.launch.kubernetes import (
+    LABEL_FLOW_RUN,
+    LABEL_JOB,
+    TAIL_LINES,
+    _timestamp_ns,
+    preset_resources,
+    render_manifests,
+)
 
 
 def make_spec(settings, name="pretrain-0a1b2c", resources: Resources | None = None, **kw) -> JobSpec:
@@ -61,6 +68,50 @@ def test_success_streams_logs_live_and_returns_the_stage_result(launcher, fake_k
     assert len(created) == 1
     assert created[0]["metadata"]["labels"][LABEL_FLOW_RUN] == "9a7e2f8c-flow"
     assert fake_kube.deletions == []  # a finished job is left to its TTL
+
+
+def test_a_dropped_log_stream_is_resumed_without_losing_or_repeating_lines(launcher, fake_kube: FakeKube,
+                                                                          k8s_settings):
+    spec = make_spec(k8s_settings)
+    lines: list[str] = []
+    third = threading.Event()
+
+    def on_log(line: str) -> None:
+        lines.append(line)
+        if line == "step 3":
+            third.set()
+
+    def follows(k: FakeKube) -> list:
+        return [r for r in k.requests if r.resource == "pods/log" and r.query.get("follow") == "true"]
+
+    def cluster(k: FakeKube, job: dict) -> None:
+        name = job["metadata"]["name"]
+        pod = k.add_pod(name)
+        k.start(pod)
+        k.log(pod, "step 1", "step 2", "step 3")
+        assert third.wait(10)
+        k.drop_log_streams(pod)  # e.g. a load balancer closing a connection idle during a checkpoint
+        k.log(pod, "step 4")
+        assert k.wait_for(lambda: len(follows(k)) >= 2), "the launcher did not resume the stream"
+        k.log(pod, "step 5 [====>   ] 50%\rstep 5 [========] 100%")
+        write_result(spec)
+        k.finish(pod, 0)
+        k.complete(name)
+
+    fake_kube.on_job_created = cluster
+    launcher.run(spec, on_log=on_log)
+
+    assert [ln for ln in lines if not ln.startswith("[k8s]")] == [
+        "step 1", "step 2", "step 3", "step 4", "step 5 [====>   ] 50%", "step 5 [========] 100%"]
+    first, resumed = follows(fake_kube)[:2]
+    assert first.query["timestamps"] == "true" and "sinceSeconds" not in first.query
+    assert int(resumed.query["sinceSeconds"]) >= 1
+
+
+def test_kubelet_timestamps_parse_to_nanoseconds():
+    assert _timestamp_ns("2026-01-02T03:04:05.5Z") - _timestamp_ns("2026-01-02T03:04:05Z") == 500_000_000
+    assert _timestamp_ns("2026-01-02T03:04:05.000000001+01:00") == _timestamp_ns("2026-01-02T02:04:05Z") + 1
+    assert _timestamp_ns("hello") is None
 
 
 def test_failure_raises_with_exit_code_and_last_log_lines(launcher, fake_kube: FakeKube, k8s_settings):

@@ -304,26 +304,33 @@ def render_cli(stage: str, config_file: str, gpus: int | None = None, nodes: int
                settings: Settings | None = None) -> str:
     """`moeflow k8s render`: the manifests a flow would submit for `stage` with a preset file, as YAML.
 
-    Resources: `--gpus/--nodes` pick the GPU preset (`preset_resources`); without them a `resources:`
-    section of the config file is used, else a CPU job. The config URI is a placeholder (say so in the
-    output): a flow uploads the validated job config there before it submits.
+    Resources come from the stage's `resources:` section of the preset (a stage config file may have it at
+    its top level); `--gpus` picks the GPU preset of that size instead (`preset_resources`) and `--nodes`
+    sets the node count. The config URI is a placeholder (said so in the output): a flow uploads the
+    validated job config there before it submits.
     """
     settings = settings or get_settings()
-    path = Path(config_file)
     try:
-        text = path.read_text()
+        text = Path(config_file).read_text()
         preset = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{config_file}: cannot read the preset: {exc}") from exc
     if not isinstance(preset, dict):
         raise ValueError(f"{config_file}: a preset is a YAML mapping, got {type(preset).__name__}")
-    if gpus is None and nodes is None and isinstance(preset.get("resources"), dict):
+    section = preset[stage] if isinstance(preset.get(stage), dict) else preset
+    base = None
+    if isinstance(section.get("resources"), dict):
+        where = f"{stage}.resources" if section is not preset else "resources"
         try:
-            resources = Resources.model_validate(preset["resources"])
+            base = Resources.model_validate(section["resources"])
         except ValueError as exc:
-            raise ValueError(f"{config_file}: resources: {exc}") from exc
+            raise ValueError(f"{config_file}: {where}: {exc}") from exc
+    if gpus is not None:
+        resources = preset_resources(gpus, nodes if nodes is not None else (base.nodes if base else 1))
+    elif base is not None:
+        resources = base if nodes is None else base.model_copy(update={"nodes": nodes})
     else:
-        resources = preset_resources(gpus or 0, nodes or 1)
+        resources = preset_resources(0, nodes or 1)
     digest = hashlib.sha256(f"{stage}\0{text}".encode()).hexdigest()[:12]
     base = f"{str(settings.store_uri).rstrip('/')}/k8s-render/{stage}-{digest}"
     spec = JobSpec(stage=stage, name=f"{stage}-{digest}", config_uri=f"{base}/config.json",

@@ -229,13 +229,25 @@ def test_render_cli_prints_valid_multi_document_yaml_with_a_placeholder_config_u
     assert next(d for d in other if d)["metadata"]["annotations"][ANNOTATION_CONFIG] != config_uri
 
 
-def test_render_cli_uses_the_presets_resources_without_flags(k8s_settings, tmp_path):
+def test_render_cli_takes_the_stage_resources_of_the_preset_and_flags_override_them(k8s_settings, tmp_path):
     preset = tmp_path / "p.yaml"
-    preset.write_text("resources: {gpus: 4, procs_per_node: 4, cpus: 30, memory_gb: 200}\n")
-    (job,) = [d for d in yaml.safe_load_all(render_cli("pretrain", str(preset), settings=k8s_settings)) if d]
-    r = pod_of(job)["containers"][0]["resources"]
+    preset.write_text("prep: {resources: {cpus: 3}}\n"
+                      "pretrain:\n  steps: 10\n  resources: {gpus: 4, procs_per_node: 4, cpus: 30, memory_gb: 200}\n")
+
+    def job(**flags) -> dict:
+        docs = [d for d in yaml.safe_load_all(render_cli("pretrain", str(preset), settings=k8s_settings, **flags)) if d]
+        return docs[0]
+
+    r = pod_of(job())["containers"][0]["resources"]
     assert r["requests"] == {"cpu": "30", "memory": "200Gi", GPU_RESOURCE: "4"}
-    assert "completionMode" not in job["spec"]
+    assert "completionMode" not in job()["spec"]
+    two = job(nodes=2)  # same per-node layout, two nodes
+    assert two["spec"]["completions"] == 2 and pod_of(two)["containers"][0]["resources"] == r
+    eight = pod_of(job(gpus=8))["containers"][0]["resources"]  # the 8-GPU preset instead
+    assert eight["requests"] == {"cpu": "64", "memory": "512Gi", GPU_RESOURCE: "8"}
+    preset.write_text("pretrain: {resources: {gpus: -1}}\n")
+    with pytest.raises(ValueError, match=r"p.yaml: pretrain.resources"):
+        job()
 
 
 def test_render_cli_names_the_file_it_cannot_use(k8s_settings, tmp_path):

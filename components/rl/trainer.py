@@ -1,0 +1,462 @@
+"""The GRPO trainer: rollouts from the KV-cached generator, verified rewards, group advantages, clipped updates.
+
+Shapes: P prompts (groups), G completions per prompt, B = P*G sequences, T completion tokens (padded),
+L = longest prompt + completion, D hidden, V vocab.
+
+One step (`GRPOTrainer.train_step`):
+1. rollout: P prompts from the prompt stream, G samples each in one batched `generate` call (MLA latent
+   cache; sampling at `temperature`, whose log-probs are pi_old); rewards from `components.rl.rewards`;
+   advantages normalised within each group (`grpo.group_advantages`). With dynamic sampling (DAPO),
+   groups whose rewards are all equal are dropped and further prompts are sampled, up to
+   `max_sampling_rounds` rounds.
+2. update: `mu` passes over the batch (split into `minibatches` by groups): one forward gives the policy's
+   per-token log-probs at the rollout temperature (`kernels.fused_linear_cross_entropy`, no (B, T, V)
+   logits with gradients), `grpo.grpo_loss` clips the ratio to pi_old and adds beta * k3 to the frozen
+   reference (kept only when beta > 0); truncated completions are masked out when asked.
+
+Rows for the policy forward are `prompt + completion`, right-padded: the model is causal, so the padding
+never reaches a real token, and every prompt starts at position 0 as in evaluation. The hidden state at
+position `len(prompt) + t - 1` predicts completion token t.
+
+The MoE routers' balancing bias is left as pretrained (no bias updates during RL); the expert counters
+are reset every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import kernels
+from components.distill.sft import TrainingDiverged, make_optimizer
+from components.model.generate import GenerationResult, generate
+from components.rl.config import GRPOConfig, SamplesConfig
+from components.rl.grpo import filter_degenerate_groups, group_advantages, grpo_loss, mask_truncated
+from components.rl.rewards import RewardBatch, RewardConfig, compute_rewards
+from components.tasks import Problem, extract_answer
+from components.training.schedule import build_scheduler
+
+log = logging.getLogger("moeflow.rl")
+
+IGNORE_INDEX = -100
+ENTROPY_CHUNK = 2048  # tokens per chunk of the (no-grad) entropy computation
+
+
+# ------------------------------------------------------------------------------------------- prompts
+class PromptStream:
+    """An endless, seeded stream over a prompt pool: epoch e is the pool in `Random(seed + e)`'s order.
+
+    Stateless apart from the caller's cursor (prompts consumed so far), so a resumed run that restores the
+    cursor draws exactly the prompts an uninterrupted run would.
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("the prompt pool is empty")
+        self.n, self.seed = n, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(self.n))
+            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            self._orders = {epoch: order}  # only the current epoch is kept
+        return self._orders[epoch]
+
+    def take(self, cursor: int, k: int) -> list[int]:
+        """Pool indices of stream positions cursor .. cursor + k - 1."""
+        return [self._order(pos // self.n)[pos % self.n] for pos in range(cursor, cursor + k)]
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], bos_id: int | None) -> list[list[int]]:
+    """`[bos] + prompt tokens`: the form prompts have in pretraining rows, SFT and evaluation."""
+    from components.distill.sft import encode_texts
+
+    head = [] if bos_id is None else [bos_id]
+    return [head + ids for ids in encode_texts(tokenizer, prompts)]
+
+
+def token_id(tokenizer: Any, text: str) -> int | None:
+    """Id of a single-token string (e.g. "</answer>"), None when the tokenizer has no such token."""
+    fn = getattr(tokenizer, "token_to_id", None) or getattr(tokenizer, "convert_tokens_to_ids", None)
+    tid = fn(text) if fn else None
+    return tid if isinstance(tid, int) and tid >= 0 else None
+
+
+# ------------------------------------------------------------------------------------------ batches
+@dataclass
+class PolicyBatch:
+    """The tensors of B sequences for the policy forward (see the module docstring)."""
+
+    input_ids_BL: torch.Tensor  # prompt + completion, right-padded
+    positions_BT: torch.Tensor  # row position whose hidden state predicts completion token t
+    targets_BT: torch.Tensor  # completion tokens (IGNORE_INDEX at padding)
+    valid_BT: torch.Tensor  # bool: a real completion token
+    old_logp_BT: torch.Tensor  # pi_old log-probs from the generator (0 at padding)
+    truncated_B: torch.Tensor  # bool: cut at the length limit
+
+    def select(self, rows: torch.Tensor) -> PolicyBatch:
+        return PolicyBatch(*(t[rows] for t in (self.input_ids_BL, self.positions_BT, self.targets_BT,
+                                                self.valid_BT, self.old_logp_BT, self.truncated_B)))
+
+
+def build_batch(prompt_ids: Sequence[Sequence[int]], results: Sequence[GenerationResult], pad_id: int) -> PolicyBatch:
+    """Rows `prompt + completion` for each result (``results[i].prompt_index`` names its prompt)."""
+    B = len(results)
+    T = max(1, max(len(r.tokens) for r in results))
+    L = max(len(prompt_ids[r.prompt_index]) + len(r.tokens) for r in results)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    old_logp = torch.zeros(B, T, dtype=torch.float32)
+    for b, r in enumerate(results):
+        p, n = prompt_ids[r.prompt_index], len(r.tokens)
+        input_ids[b, : len(p) + n] = torch.tensor(list(p) + list(r.tokens), dtype=torch.long)
+        positions[b, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        targets[b, :n] = torch.tensor(r.tokens, dtype=torch.long)
+        old_logp[b, :n] = torch.tensor(r.logprobs, dtype=torch.float32)
+    truncated = torch.tensor([r.finish_reason == "length" for r in results], dtype=torch.bool)
+    return PolicyBatch(input_ids, positions, targets, targets != IGNORE_INDEX, old_logp, truncated)
+
+
+def token_logprobs(model: torch.nn.Module, batch: PolicyBatch, temperature: float, *,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, float | None]:
+    """(log pi(token) at `temperature` (B, T) fp32, 0 at padding; differentiable, and the token-mean
+    entropy of the policy over the valid tokens (no gradient) when `with_entropy`)."""
+    h_BLD = model.hidden_states(batch.input_ids_BL)
+    B, T = batch.targets_BT.shape
+    D = h_BLD.shape[-1]
+    h_BTD = h_BLD.gather(1, batch.positions_BT.unsqueeze(-1).expand(B, T, D))
+    W_VD = model.output_weight()
+    ce_N = kernels.fused_linear_cross_entropy(h_BTD.reshape(-1, D), W_VD, batch.targets_BT.reshape(-1),
+                                              ignore_index=IGNORE_INDEX, reduction="none", temperature=temperature)
+    logp_BT = -ce_N.view(B, T)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            h_ND = h_BTD[batch.valid_BT].detach()
+            total = 0.0
+            for s in range(0, h_ND.shape[0], ENTROPY_CHUNK):
+                z_nV = (h_ND[s : s + ENTROPY_CHUNK] @ W_VD.detach().T).float() / temperature
+                logp_nV = z_nV.log_softmax(-1)
+                total += float(-(logp_nV.exp() * logp_nV).sum())
+            entropy = total / max(h_ND.shape[0], 1)
+    return logp_BT, entropy
+
+
+# ------------------------------------------------------------------------------------------ rollouts
+@dataclass
+class Rollout:
+    """One step's kept groups: P problems, their B = P*G completions (prompt-major), rewards, advantages."""
+
+    problems: list[Problem]
+    prompt_ids: list[list[int]]
+    results: list[GenerationResult]
+    texts: list[str]
+    rewards: RewardBatch
+    advantages_B: torch.Tensor
+    sampled_groups: int  # groups generated over all rounds
+    dropped_groups: int  # of those, dropped by dynamic sampling
+    degenerate_groups: int  # of those, all-equal rewards (dropped or not)
+    rounds: int
+    generated_tokens: int
+
+
+def _concat_rewards(parts: list[RewardBatch]) -> RewardBatch:
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return RewardBatch(accuracy=cat("accuracy"), format=cat("format"), overlong=cat("overlong"),
+                       total=cat("total"), verify=[v for p in parts for v in p.verify],
+                       n_timeout=sum(p.n_timeout for p in parts), n_error=sum(p.n_error for p in parts),
+                       n_no_answer=sum(p.n_no_answer for p in parts))
+
+
+def _select_rewards(rb: RewardBatch, rows: list[int]) -> RewardBatch:
+    idx = torch.tensor(rows, dtype=torch.long)
+    verify = [rb.verify[i] for i in rows]
+    return RewardBatch(accuracy=rb.accuracy[idx], format=rb.format[idx], overlong=rb.overlong[idx],
+                       total=rb.total[idx], verify=verify, n_timeout=sum(v.status == "timeout" for v in verify),
+                       n_error=sum(v.status == "error" for v in verify),
+                       n_no_answer=sum(v.status == "no_answer" for v in verify))
+
+
+# ------------------------------------------------------------------------------------------- trainer
+class GRPOTrainer:
+    """GRPO on `model` (in place) over a pool of verifiable problems. See the module docstring.
+
+    ref_model: the frozen reference of the KL term (or `set_reference` later); needed, and only kept, when
+    ``cfg.beta > 0``.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, problems: Sequence[Problem], cfg: GRPOConfig,
+                 rewards: RewardConfig, *, seed: int = 0, ref_model: torch.nn.Module | None = None,
+                 samples: SamplesConfig | None = None, log_fn: Callable[[str], None] | None = None):
+        self.model, self.tokenizer, self.cfg, self.reward_cfg = model, tokenizer, cfg, rewards
+        self.problems = list(problems)
+        self.ref_model: torch.nn.Module | None = None
+        if ref_model is not None:
+            self.set_reference(ref_model)
+        self.seed = seed
+        self.samples_cfg = samples or SamplesConfig()
+        self.log_fn = log_fn
+        mcfg = model.cfg
+        self.bos = mcfg.bos_token_id
+        self.pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else (mcfg.eos_token_ids or [0])[0]
+        stop = token_id(tokenizer, "</answer>")
+        self.stop_ids = [] if stop is None else [stop]
+        self.prompt_ids = encode_prompts(tokenizer, [p.prompt for p in self.problems], self.bos)
+        self.stream = PromptStream(len(self.problems), seed)
+        self.optimizer = make_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.schedule)
+        self.step = 0
+        self.cursor = 0
+        self.history: list[dict[str, float]] = []
+        self.sample_rows: list[dict[str, Any]] = []
+
+    def set_reference(self, ref_model: torch.nn.Module) -> None:
+        """The frozen reference of the KL term (kept only when beta > 0)."""
+        if self.cfg.beta == 0:
+            return
+        self.ref_model = ref_model.eval()
+        for p in self.ref_model.parameters():
+            p.requires_grad_(False)
+
+    # --- rollouts -----------------------------------------------------------------------------------
+    def _warm_rope(self) -> None:
+        """Build the model's cached RoPE tables for every position outside inference mode.
+
+        `generate` runs under `torch.inference_mode()`; a table first built there is an inference tensor,
+        and the next training forward that reads it fails ("Inference tensors cannot be saved for
+        backward"). Building the full-length table first keeps `generate` from ever rebuilding it.
+        Reported to the model's owner; remove once the model builds its tables outside inference mode.
+        """
+        rope = getattr(self.model, "_rope", None)
+        if rope is not None:
+            with torch.inference_mode(False):
+                rope(0, self.model.cfg.max_position_embeddings, self.model.output_weight().device)
+
+    def _sample(self, idx: list[int], round_: int) -> tuple[list[GenerationResult], list[str], RewardBatch]:
+        cfg = self.cfg
+        self._warm_rope()
+        prompts = [self.prompt_ids[i] for i in idx]
+        results = generate(self.model, prompts, max_new_tokens=self.reward_cfg.max_completion_len,
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           stop_token_ids=self.stop_ids, num_samples=cfg.group_size,
+                           seed=self.seed * 1_000_003 + self.step * 101 + round_)
+        texts = [self.tokenizer.decode(r.tokens) for r in results]
+        problems = [self.problems[idx[r.prompt_index]] for r in results]
+        rewards = compute_rewards(problems, texts, [len(r.tokens) for r in results],
+                                  [r.finish_reason == "length" for r in results], self.reward_cfg)
+        return results, texts, rewards
+
+    def rollout(self) -> Rollout:
+        """Sample the groups of the current step (dynamic sampling: refill dropped groups)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        kept_idx: list[int] = []
+        kept_results: list[GenerationResult] = []
+        kept_texts: list[str] = []
+        kept_rewards: list[RewardBatch] = []
+        sampled = dropped = degenerate = tokens = rounds = 0
+        need = cfg.prompts_per_step
+        while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+            idx = self.stream.take(self.cursor, need)
+            self.cursor += need
+            results, texts, rewards = self._sample(idx, rounds)
+            rounds += 1
+            sampled += len(idx)
+            tokens += sum(len(r.tokens) for r in results)
+            informative = filter_degenerate_groups(rewards.total.view(len(idx), G))
+            degenerate += int((~informative).sum())
+            keep = list(range(len(idx)))
+            if cfg.dynamic_sampling:
+                keep = [p for p in keep if bool(informative[p])][:need]
+                dropped += len(idx) - len(keep)
+            rows = [p * G + g for p in keep for g in range(G)]
+            for p in keep:
+                kept_idx.append(idx[p])
+                for g in range(G):
+                    r = results[p * G + g]
+                    kept_results.append(GenerationResult(
+                        tokens=r.tokens, logprobs=r.logprobs, finish_reason=r.finish_reason,
+                        prompt_index=len(kept_idx) - 1, sample_index=g, stop=r.stop))
+                    kept_texts.append(texts[p * G + g])
+            if rows:
+                kept_rewards.append(_select_rewards(rewards, rows))
+            need -= len(keep)
+        if not kept_idx:  # every group was degenerate in every round: nothing to learn from this step
+            return Rollout([], [], [], [], _concat_rewards([rewards]), torch.zeros(0), sampled, dropped,
+                           degenerate, rounds, tokens)
+        reward_batch = _concat_rewards(kept_rewards)
+        adv_PG = group_advantages(reward_batch.total.view(len(kept_idx), G), cfg.advantage_scale)
+        return Rollout(problems=[self.problems[i] for i in kept_idx],
+                       prompt_ids=[self.prompt_ids[i] for i in kept_idx], results=kept_results,
+                       texts=kept_texts, rewards=reward_batch, advantages_B=adv_PG.reshape(-1),
+                       sampled_groups=sampled, dropped_groups=dropped, degenerate_groups=degenerate,
+                       rounds=rounds, generated_tokens=tokens)
+
+    # --- updates ------------------------------------------------------------------------------------
+    def update(self, ro: Rollout) -> dict[str, float]:
+        """`mu` passes of clipped policy-gradient updates over the rollout (minibatches of whole groups)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        if cfg.beta > 0 and self.ref_model is None:
+            raise ValueError("beta > 0 needs a reference model: call set_reference (e.g. a frozen copy of the "
+                             "initial policy)")
+        batch = build_batch(ro.prompt_ids, ro.results, self.pad)
+        loss_mask_BT = batch.valid_BT
+        if cfg.mask_truncated:
+            loss_mask_BT = mask_truncated(loss_mask_BT, batch.truncated_B)
+        P = len(ro.problems)
+        groups = torch.arange(P)
+        chunks = [c for c in torch.tensor_split(groups, min(cfg.minibatches, P)) if len(c)]
+        self.model.train()
+        stats: list[dict[str, float]] = []
+        entropy_sum, entropy_n = 0.0, 0
+        grad_norms: list[float] = []
+        for epoch in range(cfg.mu):
+            for chunk in chunks:
+                rows = (chunk[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
+                mb = batch.select(rows)
+                logp_BT, entropy = token_logprobs(self.model, mb, cfg.temperature, with_entropy=epoch == 0)
+                if entropy is not None:
+                    n_valid = int(mb.valid_BT.sum())
+                    entropy_sum, entropy_n = entropy_sum + entropy * n_valid, entropy_n + n_valid
+                ref_logp_BT = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref_logp_BT, _ = token_logprobs(self.ref_model, mb, cfg.temperature)
+                loss, st = grpo_loss(logp_BT, mb.old_logp_BT, ro.advantages_B[rows], loss_mask_BT[rows],
+                                     ref_logp=ref_logp_BT, beta=cfg.beta, eps_low=cfg.eps_low,
+                                     eps_high=cfg.eps_high, aggregation=cfg.aggregation,
+                                     max_len=self.reward_cfg.max_completion_len)
+                if epoch == 0:  # generator vs. trainer log-probs of the same policy (numerics only when mu=1)
+                    with torch.no_grad():
+                        d_BT = (mb.old_logp_BT - logp_BT.detach())
+                        v = mb.valid_BT
+                        st["kl_sampler"] = float(((d_BT.exp() - d_BT - 1) * v).sum() / v.sum().clamp(min=1))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"non-finite GRPO loss {float(loss)} at step {self.step + 1}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                if not torch.isfinite(gnorm):
+                    raise TrainingDiverged(f"non-finite gradient norm at step {self.step + 1}")
+                self.optimizer.step()
+                grad_norms.append(float(gnorm))
+                stats.append({"loss": float(loss.detach()), **st})
+        self.scheduler.step()
+        if hasattr(self.model, "reset_expert_counts"):
+            self.model.reset_expert_counts()
+        out = {k: sum(s[k] for s in stats if k in s) / sum(1 for s in stats if k in s)
+               for k in sorted({k for s in stats for k in s})}
+        out["n_tokens"] = float(sum(s["n_tokens"] for s in stats[: len(chunks)]))
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if entropy_n:
+            out["entropy"] = entropy_sum / entropy_n
+        return out
+
+    # --- one step -----------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """Rollout + update; returns the step's metrics (also appended to `history`)."""
+        t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        ro = self.rollout()
+        t_roll = time.perf_counter() - t0
+        self.step += 1
+        m: dict[str, float] = rollout_metrics(ro, self.cfg.group_size)
+        if ro.problems:
+            upd = self.update(ro)
+        else:
+            self.scheduler.step()
+            upd = {}
+        m.update({
+            "loss": upd.get("loss", 0.0), "pg_loss": upd.get("pg_loss", 0.0),
+            "clip_fraction": upd.get("clip_fraction", 0.0), "clip_low_fraction": upd.get("clip_low_fraction", 0.0),
+            "clip_high_fraction": upd.get("clip_high_fraction", 0.0), "ratio_mean": upd.get("ratio_mean", 1.0),
+            "ratio_max": upd.get("ratio_max", 1.0), "grad_norm": upd.get("grad_norm", 0.0), "lr": lr,
+            "kl_sampler": upd.get("kl_sampler", 0.0), "loss_tokens": upd.get("n_tokens", 0.0),
+        })
+        if "entropy" in upd:
+            m["entropy"] = upd["entropy"]
+        if "kl" in upd:
+            m["kl"] = upd["kl"]
+        m["time/rollout_s"] = t_roll
+        m["time/step_s"] = time.perf_counter() - t0
+        m["step"] = float(self.step)
+        self.history.append(m)
+        if self.step % self.samples_cfg.every == 0 or self.step == self.cfg.steps or self.step == 1:
+            self.sample_rows.extend(sample_table(ro, self.step, self.samples_cfg.n, self.cfg.group_size))
+        return m
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the model weights and optimizer state, as weights_only-loadable data."""
+        return {"step": self.step, "cursor": self.cursor, "scheduler": self.scheduler.state_dict(),
+                "history": self.history, "sample_rows": self.sample_rows}
+
+    def load_state_dict(self, state: dict[str, Any], optimizer: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.cursor = int(state["step"]), int(state["cursor"])
+        self.history = list(state["history"])
+        self.sample_rows = list(state["sample_rows"])
+
+
+def reference_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of `model` (the KL reference)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def _mean_std(x: torch.Tensor) -> tuple[float, float]:
+    if x.numel() == 0:
+        return 0.0, 0.0
+    return float(x.mean()), float(x.std(unbiased=False))
+
+
+def rollout_metrics(ro: Rollout, G: int) -> dict[str, float]:
+    """Reward mean/std per component, accuracy, response length, truncation, groups dropped."""
+    rb = ro.rewards
+    m: dict[str, float] = {}
+    for name in ("total", "accuracy", "format", "overlong"):
+        mean, std = _mean_std(getattr(rb, name))
+        m[f"reward/{name}"], m[f"reward/{name}_std"] = mean, std
+    m["accuracy"] = m["reward/accuracy"]
+    lengths = torch.tensor([len(r.tokens) for r in ro.results], dtype=torch.float32)
+    m["response_length"], m["response_length_std"] = _mean_std(lengths)
+    m["response_length_max"] = float(lengths.max()) if lengths.numel() else 0.0
+    m["truncated_fraction"] = (sum(r.finish_reason == "length" for r in ro.results) / len(ro.results)
+                               if ro.results else 0.0)
+    m["groups/kept"] = float(len(ro.problems))
+    m["groups/dropped"] = float(ro.dropped_groups)
+    m["groups/degenerate_fraction"] = ro.degenerate_groups / max(ro.sampled_groups, 1)
+    m["sampling_rounds"] = float(ro.rounds)
+    m["generated_tokens"] = float(ro.generated_tokens)
+    m["verifier/timeouts"] = float(rb.n_timeout)
+    m["verifier/errors"] = float(rb.n_error)
+    m["verifier/no_answer"] = float(rb.n_no_answer)
+    return m
+
+
+def sample_table(ro: Rollout, step: int, n: int, G: int) -> list[dict[str, Any]]:
+    """The first completion of each of the first `n` groups, as table rows."""
+    rows = []
+    for p in range(min(n, len(ro.problems))):
+        b = p * G
+        text = ro.texts[b]
+        rows.append({"step": step, "question": ro.problems[p].question, "reference": ro.problems[p].answer,
+                     "completion": text, "answer": extract_answer(text) or "",
+                     "correct": bool(ro.rewards.accuracy[b] > 0), "reward": round(float(ro.rewards.total[b]), 4),
+                     "tokens": len(ro.results[b].tokens), "finish": ro.results[b].finish_reason})
+    return rows

@@ -1,0 +1,92 @@
+"""The RL flow: one typed config in (a form in the Prefect UI), a GRPO-trained policy out.
+
+The job runs without a Prefect context, so it leaves its sample completions in `<report>/samples.json`;
+this flow publishes them as a Prefect table artifact (and the reward summary as a markdown artifact).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from components.rl.config import RLConfig
+from components.rl.report import table_for_prefect
+from flows.common import parent_run, run_stage
+from infra import storage
+from infra.jobs import StageResult
+
+log = logging.getLogger(__name__)
+
+
+@flow(name="rl", description="R1-Zero / R1 reinforcement learning (GRPO) with verifiable rewards.")
+def rl_flow(config: RLConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    with parent_run("rl", params=data) as parent:
+        result = run_stage("rl", data, parent.run_id)
+        summary = summarize(result)
+        parent.log_metrics(result.metrics)
+        parent.set_tags({"moeflow.checkpoint_uri": summary["checkpoint_uri"]})
+        publish_artifacts(summary, storage.join_uri(result.outputs["report"], "samples.json"))
+    return {"parent_run_id": parent.run_id, **summary}
+
+
+def summarize(result: StageResult) -> dict[str, Any]:
+    """The CLI's JSON; it ends with checkpoint_uri, mlflow_run_id and the reward/accuracy start and end."""
+    m = result.metrics
+    report = storage.read_json(storage.join_uri(result.outputs["report"], "summary.json"))
+    out: dict[str, Any] = {
+        "report_uri": result.outputs["report"],
+        "cached": result.cached,
+        "pipeline": report["pipeline"],
+        "eval": {"family": report["eval_family"], "problems": report["eval_problems"],
+                 "samples": report["eval_samples"], "evaluations": report["evals"]},
+        "metrics": m,
+    }
+    for name in ("cold_start", "traces"):
+        if name in result.outputs:
+            out[f"{name}_uri"] = result.outputs[name]
+    out.update({
+        "checkpoint_uri": result.outputs["checkpoint"], "mlflow_run_id": result.mlflow_run_id,
+        "reward_start": m["reward_start"], "reward_end": m["reward_end"],
+        "accuracy_start": m["accuracy_start"], "accuracy_end": m["accuracy_end"],
+    })
+    return out
+
+
+def publish_artifacts(summary: dict[str, Any], samples_uri: str) -> None:
+    """Sample completions as a Prefect table artifact, the headline numbers as a markdown artifact."""
+    try:
+        rows = storage.read_json(samples_uri)
+        create_table_artifact(key="rl-samples", table=table_for_prefect(rows),
+                              description="sample completions per interval (step, question, completion, reward)")
+        create_markdown_artifact(key="rl-summary", markdown=_markdown(summary), description="GRPO run summary")
+    except Exception as exc:  # an artifact is a convenience; never fail a run for it
+        log.warning("could not create the Prefect artifacts: %s", exc)
+
+
+def _markdown(s: dict[str, Any]) -> str:
+    e = s["eval"]
+    return (f"## RL ({s['pipeline']})\n\n| | start | end |\n|---|---|---|\n"
+            f"| reward (total) | {s['reward_start']:.3f} | {s['reward_end']:.3f} |\n"
+            f"| held-out {e['family']} pass@1 ({e['problems']} problems x {e['samples']}) | "
+            f"{s['accuracy_start']:.3f} | {s['accuracy_end']:.3f} |\n\n"
+            f"policy: `{s['checkpoint_uri']}`  \nMLflow run: `{s['mlflow_run_id']}`\n")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    e = summary["eval"]
+    lines = [f"policy: {summary['checkpoint_uri']}",
+             f"MLflow run: {summary['mlflow_run_id']}{' (cached)' if summary.get('cached') else ''}",
+             f"reward: {summary['reward_start']:.3f} -> {summary['reward_end']:.3f}",
+             f"held-out {e['family']} pass@1: {summary['accuracy_start']:.3f} -> {summary['accuracy_end']:.3f} "
+             f"({e['problems']} problems x {e['samples']} samples)"]
+    if "traces_uri" in summary:
+        lines.append(f"traces: {summary['traces_uri']}")
+    return "\n".join(lines)
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    return rl_flow(RLConfig.model_validate(config))

@@ -19,7 +19,17 @@ from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
 from infra import storage
-from infra.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, JobFailed, JobSpec, Resources, StageResult
+from infra.jobs import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    LABEL_FLOW_RUN,
+    LABEL_MLFLOW_RUN,
+    LABEL_STAGE,
+    JobFailed,
+    JobSpec,
+    Resources,
+    StageResult,
+)
 from infra.launch import get_launcher
 from infra.settings import get_settings
 from infra.stages import ConfigError, cached_result, job_payload, plan_stage
@@ -64,8 +74,8 @@ def run_stage(stage: str, config: dict[str, Any], parent_run_id: str | None = No
         stage=stage, name=plan.job_name, config_uri=plan.job_config_uri, result_uri=plan.result_uri,
         resources=resources or Resources(), timeout_s=timeout_s,
         env={PARENT_RUN_ENV: parent_run_id} if parent_run_id else {},
-        labels={"moeflow/stage": stage, "prefect/flow-run-id": str(flow_run.id or ""),
-                "mlflow/parent-run-id": parent_run_id or ""},
+        labels={LABEL_STAGE: stage, LABEL_FLOW_RUN: str(flow_run.id or ""),
+                LABEL_MLFLOW_RUN: parent_run_id or ""},
     )
     job_log = logging.getLogger(f"moeflow.job.{stage}")
 

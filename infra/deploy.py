@@ -72,9 +72,10 @@ def runner_deployments(entries: list[dict[str, Any]], *, work_pool: bool) -> lis
 
 
 def ensure_work_pool(name: str, template_path: Path = BASE_JOB_TEMPLATE) -> str:
-    """Create the Kubernetes work pool with moeflow's base job template, or update its template."""
+    """Create the Kubernetes work pool with moeflow's base job template when it is missing. An existing
+    pool is left as it is: the Helm chart sets its namespace, service account and secrets per release."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
     template = json.loads(template_path.read_text())
@@ -83,8 +84,7 @@ def ensure_work_pool(name: str, template_path: Path = BASE_JOB_TEMPLATE) -> str:
             client.create_work_pool(WorkPoolCreate(name=name, type="kubernetes", base_job_template=template))
             return "created"
         except ObjectAlreadyExists:
-            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
-            return "updated"
+            return "exists (left unchanged)"
 
 
 def deploy_all(image: str, *, path: Path = PREFECT_YAML) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -93,6 +94,16 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    # Under torchrun the agent exits 1 whenever a worker fails; the Kubernetes wrapper reads the worker's
+    # own code from this file so the Job's failure policy can still tell bad input (3) from a crash (1).
+    if code and os.environ.get("MOEFLOW_EXIT_CODE_FILE"):
+        with open(os.environ["MOEFLOW_EXIT_CODE_FILE"], "w") as f:
+            f.write(str(code))
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moeflow-job", description=__doc__.splitlines()[0])
     parser.add_argument("stage", help="stage to run")
     parser.add_argument("--config", required=True, help="URI of the job config JSON")

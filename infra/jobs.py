@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 LogFn = Callable[[str], None]
 
+# Labels tying a job to its stage, the Prefect flow run and the MLflow run (JobSpec.labels keys).
+LABEL_STAGE = "moeflow.dev/stage"
+LABEL_FLOW_RUN = "prefect.io/flow-run-id"  # the label Prefect's own Kubernetes worker puts on flow-run Jobs
+LABEL_MLFLOW_RUN = "moeflow.dev/mlflow-run-id"
+
 
 class Resources(BaseModel):
     """Compute a job asks for. `procs_per_node > 1` or `nodes > 1` runs the stage under torchrun."""

@@ -55,7 +55,18 @@ from typing import Any
 
 import yaml
 
-from infra.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, JobFailed, JobSpec, Launcher, LogFn, Resources, StageResult
+from infra.jobs import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    LABEL_FLOW_RUN,
+    LABEL_STAGE,
+    JobFailed,
+    JobSpec,
+    Launcher,
+    LogFn,
+    Resources,
+    StageResult,
+)
 from infra.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -72,10 +83,7 @@ LOG_RESUME_MARGIN_S = 60  # a resumed log stream starts this much before the las
 MAX_LOG_RESUMES = 20  # per pod
 MAX_JOB_NAME = 52  # room for the "-<index>" hostname suffix of Indexed Jobs within 63 characters
 
-LABEL_STAGE = "moeflow.dev/stage"
 LABEL_JOB = "moeflow.dev/job"
-LABEL_FLOW_RUN = "prefect.io/flow-run-id"  # the label Prefect's own Kubernetes worker puts on flow-run Jobs
-LABEL_MLFLOW_RUN = "moeflow.dev/mlflow-run-id"
 ANNOTATION_CONFIG = "moeflow.dev/config-uri"
 ANNOTATION_RESULT = "moeflow.dev/result-uri"
 

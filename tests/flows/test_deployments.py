@@ -65,7 +65,7 @@ def test_every_deployment_registers_with_schedules_and_schemas(prefect_server):
 
     pretrain = deployments["pretrain"]
     assert pretrain.work_pool_name == "moeflow-kubernetes"
-    assert pretrain.job_variables["gpus"] == 8
+    assert pretrain.job_variables["gpus"] == 0  # GPUs belong to the stage Jobs, not the flow-run pod
     assert pretrain.job_variables["image"] == "registry.example/moeflow-job:test"
     schema = pretrain.parameter_openapi_schema
     assert "config" in schema["properties"], schema  # the typed config renders as a form

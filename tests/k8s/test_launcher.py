@@ -12,9 +12,8 @@ import pytest
 from kube_fake import FakeKube
 
 from infra import storage
-from infra.jobs import EXIT_BAD_INPUT, JobFailed, JobSpec, Resources, StageResult
+from infra.jobs import EXIT_BAD_INPUT, LABEL_FLOW_RUN, JobFailed, JobSpec, Resources, StageResult
 from infra.launch.kubernetes import (
-    LABEL_FLOW_RUN,
     LABEL_JOB,
     TAIL_LINES,
     _timestamp_ns,

@@ -13,15 +13,12 @@ import pytest
 import yaml
 from pss import restricted_violations
 
-from infra.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, JobSpec
+from infra.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, LABEL_FLOW_RUN, LABEL_MLFLOW_RUN, LABEL_STAGE, JobSpec
 from infra.launch.kubernetes import (
     ANNOTATION_CONFIG,
     ANNOTATION_RESULT,
     GPU_RESOURCE,
-    LABEL_FLOW_RUN,
     LABEL_JOB,
-    LABEL_MLFLOW_RUN,
-    LABEL_STAGE,
     SECRET_ENV,
     job_name,
     preset_resources,

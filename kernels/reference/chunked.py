@@ -28,15 +28,24 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk so that one chunk of logits is about as large as the hidden states (Liger)."""
-    inc = max(1, math.ceil(vocab / max(hidden, 1)))
-    chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_tokens / inc)))))
-    return max(16, min(chunk, max(n_tokens, 1)))
+    """Tokens per chunk: one chunk of logits about as large as the hidden states (Liger-Kernel's rule), but
+    at least 2**23 logits (32 MiB fp32) -- smaller chunks starve the GEMMs and re-accumulate dW too often."""
+    target = max(n_tokens * hidden, 1 << 23)
+    chunk = 1 << max(0, round(math.log2(max(1.0, target / max(vocab, 1)))))
+    return max(1, min(chunk, n_tokens))
 
 
 def _logits(h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     z = h_c @ w.T
     return z if z.dtype == torch.float32 else z.float()
+
+
+def _accumulate_dw(dw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
+    """dw (fp32) += g^T h_c, in place inside the GEMM when the operands are fp32."""
+    if g.dtype == torch.float32:
+        dw.addmm_(g.T, h_c)
+    else:
+        dw += (g.T @ h_c).float()
 
 
 class ChunkedLinearLoss(torch.autograd.Function):
@@ -62,7 +71,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 if dh is not None:
                     torch.mm(g, w, out=dh[s:e])
                 if dw is not None:
-                    dw += (g.T @ h[s:e]).float() if g.dtype != torch.float32 else g.T @ h[s:e]
+                    _accumulate_dw(dw, g, h[s:e])
         loss = loss * valid
         ctx.reduction, ctx.chunk, ctx.row_fn, ctx.w_dtype = reduction, chunk, row_fn, w.dtype
         if precompute:
@@ -95,7 +104,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
             if dh is not None:
                 torch.mm(g, w, out=dh[s:e])
             if dw is not None:
-                dw += (g.T @ h[s:e]).float() if g.dtype != torch.float32 else g.T @ h[s:e]
+                _accumulate_dw(dw, g, h[s:e])
         return dh, None if dw is None else dw.to(w.dtype), None, None, None, None
 
 

@@ -38,7 +38,7 @@ def _fp8_gemm_kernel(A, AS, B, BS, C, M, N, KD, n_kt, NATIVE: tl.constexpr,
         if NATIVE:
             part = tl.dot(a.to(tl.float8e4nv, bitcast=True), b.to(tl.float8e4nv, bitcast=True))
         else:
-            part = tl.dot(e4m3_value(a), e4m3_value(b))
+            part = tl.dot(e4m3_value(a), e4m3_value(b), input_precision="ieee")
         a_s = tl.load(AS + rows * n_kt + kt, mask=rmask, other=0.0)
         b_s = tl.load(b_scale_row + kt)
         acc += part * a_s[:, None] * b_s

@@ -22,7 +22,8 @@ from ._common import check_contiguous, interpreting, tl_dtype_ok
 
 @triton.jit
 def _grouped_mm_kernel(A, B, C, BLOCK_EXPERT, N, KD, block, stride_be, stride_bk, stride_bn,
-                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # C[rows, n] = A[rows, :] @ B[e, :, n] for the expert e owning this row tile
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -40,13 +41,14 @@ def _grouped_mm_kernel(A, B, C, BLOCK_EXPERT, N, KD, block, stride_be, stride_bk
         if UPCAST:  # the interpreter has no bf16 dot
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     tl.store(C + rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty), mask=(cols < N)[None, :])
 
 
 @triton.jit
 def _grouped_dw_kernel(DY, X, DW, EXPERT_BLOCK_START, ROW_SLOT, n_slots, NO, KI, block,
-                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # DW[e, n, k] = sum over rows r of expert e of DY[r, n] X[r, k]
     e = tl.program_id(0)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,9 +64,14 @@ def _grouped_dw_kernel(DY, X, DW, EXPERT_BLOCK_START, ROW_SLOT, n_slots, NO, KI,
         if UPCAST:
             dy = dy.to(tl.float32)
             x = x.to(tl.float32)
-        acc = tl.dot(tl.trans(dy), x, acc)
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=PRECISION)
     out = DW + e.to(tl.int64) * NO * KI + ns[:, None] * KI + ks[None, :]
     tl.store(out, acc.to(DW.dtype.element_ty), mask=(ns < NO)[:, None] & (ks < KI)[None, :])
+
+
+def _precision(t: torch.Tensor) -> str:
+    # fp32 operands: exact fp32 products ("ieee"), not TF32, so fp32 results match the reference to 1e-5
+    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 def routing_block() -> int:
@@ -99,7 +106,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, block_expert: torch.Tensor, blo
     if R:
         _grouped_mm_kernel[(R // BM, triton.cdiv(N, BN))](
             a, w, c, block_expert, N, KD, block, sbe, sbk, sbn,
-            UPCAST=interpreting() or a.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+            UPCAST=interpreting(), PRECISION=_precision(a), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         )
     return c
 
@@ -115,7 +122,7 @@ def grouped_dw(dy, x, row_slot, n_slots, block_expert, block, num_experts, dtype
     dw = torch.full((num_experts, NO, KI), float("nan"), dtype=dtype, device=dy.device)
     _grouped_dw_kernel[(num_experts, triton.cdiv(NO, BN), triton.cdiv(KI, BK))](
         dy, x, dw, start, row_slot, n_slots, NO, KI, block,
-        UPCAST=interpreting() or dy.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        UPCAST=interpreting(), PRECISION=_precision(dy), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
     )
     return dw
 

@@ -46,7 +46,7 @@ def test_triton_by_name_on_cpu_without_the_interpreter_fails_loudly(monkeypatch)
     kernels.set_backend("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(kernels.BackendUnavailableError, match="TRITON_INTERPRET=1"):
-        kernels.swiglu(torch.randn(3), torch.randn(3))
+        kernels.swiglu(torch.randn(3, device="cpu"), torch.randn(3, device="cpu"))
 
 
 def test_triton_by_name_without_triton_installed_fails_loudly(monkeypatch):
@@ -67,7 +67,7 @@ def test_triton_by_name_without_triton_installed_fails_loudly(monkeypatch):
 def test_forced_torch_backend_never_imports_the_triton_ops(monkeypatch):
     kernels.set_backend("torch")
     monkeypatch.setattr(backend, "triton_op", lambda name: pytest.fail(f"imported triton op {name}"))
-    kernels.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6)
+    kernels.rms_norm(torch.randn(2, 8, device="cpu"), torch.ones(8, device="cpu"), 1e-6)
 
 
 def test_host_wrappers_reject_bad_inputs_with_a_message():

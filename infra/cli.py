@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from infra.configfile import apply_overrides, load_yaml
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
 STAGE_COMMANDS = ("prep", "pretrain", "rl", "distill", "eval")
@@ -62,47 +64,6 @@ def resolve_preset(name: str) -> Path:
     return path
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise CliError(f"{path}: config file does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise CliError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise CliError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """Apply `--set a.b.c=value` overrides (the value is parsed as YAML: numbers, booleans, lists)."""
-    for item in sets:
-        if "=" not in item:
-            raise CliError(f"--set {item!r}: expected key=value", code=2)
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise CliError(f"--set {key}: {part!r} is not a section")
-            node = nxt
-        node[parts[-1]] = parse_value(raw)
-    return data
-
-
 def stage_config(path: str, stage: str, sets: list[str]) -> dict[str, Any]:
     """The config of one stage from a preset (its `stage:` section) or a stage-only file, plus overrides."""
     data = load_yaml(path)
@@ -136,6 +97,20 @@ def cmd_stage(stage: str, args: argparse.Namespace) -> int:
         summary = flows.run(cfg)
     summary["seconds"] = round(time.time() - t0, 2)
     emit(summary, args.json, flows.describe(summary))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from flows.pipeline import describe, load_preset, pipeline_flow
+
+    if bool(args.preset) == bool(args.config):
+        raise CliError("give one of --preset NAME or --config FILE", code=2)
+    preset = args.config or args.preset
+    load_preset(preset, args.set)  # fail on bad input before starting anything
+    t0 = time.time()
+    summary = pipeline_flow(preset=preset, overrides=args.set)
+    summary["seconds"] = round(time.time() - t0, 2)
+    emit(summary, args.json, describe(summary))
     return 0
 
 
@@ -269,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         common(p)
         p.set_defaults(func=lambda a, s=stage: cmd_stage(s, a))
+
+    p = sub.add_parser("pipeline", help="the whole lifecycle: prep, pretrain, RL, distill, eval, release")
+    p.add_argument("--preset", help="preset name in configs/ (e.g. tiny)")
+    common(p, config_required=False)
+    p.set_defaults(func=cmd_pipeline)
 
     model = sub.add_parser("model", help="model arithmetic and Hugging Face export").add_subparsers(
         dest="model_command", required=True)

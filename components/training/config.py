@@ -194,8 +194,6 @@ class PretrainConfig(_Strict):
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                 f"({self.micro_batch_size})"
             )
-        if self.schedule.warmup_steps > self.steps:
-            raise ValueError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds steps ({self.steps})")
         if self.seq_len is not None and self.seq_len > self.model.max_position_embeddings:
             raise ValueError(
                 f"seq_len ({self.seq_len}) exceeds model.max_position_embeddings "

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -193,6 +194,9 @@ class Trainer:
         self.layer_labels = moe_layer_labels(self.model)
         self.load_warmup = (cfg.metrics.load_warmup_steps if cfg.metrics.load_warmup_steps is not None
                             else cfg.schedule.warmup_steps)
+        if cfg.schedule.warmup_steps > cfg.steps:
+            log.warning("schedule.warmup_steps (%d) exceeds steps (%d): the peak learning rate is never reached",
+                        cfg.schedule.warmup_steps, cfg.steps)
         self.bias_stop_step = math.floor(cfg.balance.stop_fraction * cfg.steps)
         self.ctx.tracker.log_params({
             "derived.grad_accum": self.accum, "derived.world_size": env.world_size,
@@ -251,7 +255,9 @@ class Trainer:
             self.on_nonfinite(float(sums[0]), grad_norm)
             self.model.reset_expert_counts()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update is intended; LambdaLR is stateless per step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         seconds = time.perf_counter() - t0
@@ -454,12 +460,13 @@ class Trainer:
                       if self.load_sum is not None else None)
         metrics = {
             "final_loss": self.history["loss"][-1] if self.history["loss"] else float("nan"),
-            "val_loss": val if val is not None else float("nan"),
             "tokens_per_s": tps, "mfu": mfu, "tokens": float(tokens), "steps": float(self.step),
             "device_hours": ledger["device_hours"], "cost_usd": ledger["cost_usd"], "flops": ledger["flops"],
             "total_params": float(self.params["total"]), "active_params": float(self.params["active"]),
             "skipped_steps": float(self.skipped), "train_seconds": self.train_seconds,
         }
+        if val is not None:
+            metrics["val_loss"] = val
         if max_mean is not None:
             metrics["max_mean_load"] = max_mean
             metrics["max_mean_load_cumulative"] = cumulative
@@ -467,7 +474,7 @@ class Trainer:
             metrics["resumed_from_step"] = float(self.resumed_from)
         model_uri = storage.join_uri(ctx.output_uri, ckpt.MODEL_DIR)
         if self.env.is_main:
-            ctx.tracker.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=self.step)
+            ctx.tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=self.step)
             ctx.tracker.log_dict(ledger, "efficiency_ledger.json")
             ctx.tracker.log_text(format_ledger(ledger), "efficiency_ledger.md")
             ctx.tracker.log_figure(loss_curve_figure(self.history), "plots/loss_curve.png")

@@ -97,3 +97,24 @@ def test_triton_rows_kernel_writes_every_gradient_element(seed, triton_backend):
     loss_ref = ref.cross_entropy_rows(z_ref, t, -100, 0.0, 1.0, True)
     check_outputs(["loss", "dlogits"], [loss, z], [loss_ref, z_ref], TOL[torch.float32])
     assert not z[2].any(), "an ignored token must get a zero gradient"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logits_exist_one_chunk_at_a_time(seed, reduction):
+    """The engine never builds more than chunk_size x V logits, in the forward or the backward."""
+    h, w, t = _inputs(torch.float32, n=50, d=8, v=30)
+    seen = []
+
+    def rows(z, targets, *args):
+        seen.append(z.shape[0])
+        return ref.cross_entropy_rows(z, targets, *args)
+
+    loss = ref.fused_linear_cross_entropy(h, w, t, reduction=reduction, chunk_size=16, rows=rows)
+    loss.sum().backward()
+    assert max(seen) <= 16 and sum(seen) == 50 * (2 if reduction == "none" else 1)
+
+
+def test_default_chunk_holds_about_as_many_logits_as_hidden_states():
+    assert ref.default_chunk_size(8192, 4096, 128256) == 256  # Liger's rule at Llama-3 scale
+    assert ref.default_chunk_size(8192, 512, 32768) == 256  # floor of 2**23 logits
+    assert ref.default_chunk_size(9, 41, 341) == 9

@@ -148,3 +148,12 @@ def test_combine_and_its_backward_are_deterministic(seed, backend):
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert torch.equal(a, b), "results must be bitwise identical run to run"
+
+
+def test_triton_moe_ffn_forward_and_backward_are_deterministic(seed, triton_backend):
+    T, K, E, D, I = 33, 4, 5, 24, 16
+    x, idx, w, ws = _problem(T, K, E, D, I, torch.float32)
+    g = torch.randn(T, D)
+    first, second = (_run(kernels.moe_ffn, x, idx, w, ws, g) for _ in range(2))
+    for name, a, b in zip(NAMES, first, second, strict=True):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"

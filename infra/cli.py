@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     release = sub.add_parser("release", help="model releases").add_subparsers(dest="release_command",
                                                                                required=True)
+    p = release.add_parser("run", help="package, publish, register and (if the gate passes) promote a model")
+    common(p)
+    p.set_defaults(func=lambda a: cmd_stage("release", a))
     p = release.add_parser("verify", help="check every SHA-256 and the logits against transformers")
     p.add_argument("uri", help="release directory URI (local or s3://)")
     p.add_argument("--json", action="store_true")

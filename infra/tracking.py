@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -71,6 +72,14 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+_INVALID_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def safe_key(key: str) -> str:
+    """MLflow keys allow letters, digits, '_', '-', '.', ' ' and '/': 'pass@1' becomes 'pass_at_1'."""
+    return _INVALID_KEY_CHARS.sub("_", key.replace("@", "_at_"))
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON strings."""
     out: dict[str, Any] = {}
@@ -112,7 +121,7 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        items = [Param(safe_key(k), str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -132,7 +141,7 @@ class Tracker:
             for k, v in metrics.items():
                 if v is None:
                     continue
-                self._buf.append(Metric(k, float(v), ts, int(step or 0)))
+                self._buf.append(Metric(safe_key(k), float(v), ts, int(step or 0)))
             due = len(self._buf) >= self._flush_every or time.monotonic() - self._last_flush > self._flush_s
         if due:
             self.flush()

@@ -126,3 +126,12 @@ def test_tracking_server_with_s3_artifacts(mlflow_server):
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3.endpoint_url, region_name=s3.region)
             .list_objects_v2(Bucket=mlflow_server).get("Contents", [])]
     assert any(k.endswith("notes/hello.txt") for k in keys), keys
+
+
+def test_keys_mlflow_rejects_are_made_safe(moeflow_home):
+    with start_run("keys") as t:
+        t.log_params({"gate": {"min": {"pass@1": 0.5}}})
+        t.log_metrics({"eval/pass@1": 0.25})
+    run = _client().get_run(t.run_id)
+    assert run.data.params["gate.min.pass_at_1"] == "0.5"
+    assert run.data.metrics["eval/pass_at_1"] == 0.25

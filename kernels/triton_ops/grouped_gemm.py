@@ -53,8 +53,8 @@ def _grouped_dw_kernel(DY, X, DW, EXPERT_BLOCK_START, ROW_SLOT, n_slots, NO, KI,
     e = tl.program_id(0)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    r0 = tl.load(EXPERT_BLOCK_START + e) * block
-    r1 = tl.load(EXPERT_BLOCK_START + e + 1) * block
+    r0 = (tl.load(EXPERT_BLOCK_START + e) * block).to(tl.int32)
+    r1 = (tl.load(EXPERT_BLOCK_START + e + 1) * block).to(tl.int32)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for start in range(r0, r1, BLOCK_M):
         rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)

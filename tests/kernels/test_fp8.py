@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,7 +11,10 @@ import kernels
 from kernels import reference as ref
 from kernels.testing import Tol, assert_close
 
-GEMM_TOL = Tol(torch.float32, atol=1e-4, rtol=1e-5)  # fp32 accumulation; only the in-tile sum order differs
+# CPU (interpreter): exact fp32 products, only the in-tile summation order differs. GPU: FP8 tensor cores
+# accumulate a 128-wide tile with ~14 mantissa bits (DeepSeek-V3 report, sec. 3.3.2), hence the wider bound.
+GEMM_TOL = (Tol(torch.float32, atol=1e-4, rtol=1e-5) if os.environ.get("MOEFLOW_KERNEL_TESTS_DEVICE", "cpu") == "cpu"
+            else Tol(torch.float32, atol=5e-2, rtol=1e-2))
 
 
 def _spread(shape, dtype=torch.float32):

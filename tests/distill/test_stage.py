@@ -17,7 +17,7 @@ from components.training import checkpoint as ckpt
 from components.training.config import OptimConfig
 from infra import storage
 from infra.job import run_job
-from infra.stages import ConfigError, job_payload, plan_stage
+from infra.stages import ConfigError, cached_result, job_payload, plan_stage
 
 STUDENT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "first_k_dense_replace": 2,
            "num_attention_heads": 2, "q_lora_rank": None, "kv_lora_rank": 8, "qk_nope_head_dim": 8,
@@ -71,7 +71,11 @@ def config(teacher_uri: str, easy_tasks, **over) -> dict:
 
 
 def run(cfg: dict):
+    """The stage as `run_stage` runs it: the cached result when this config already ran, else a job."""
     plan = plan_stage("distill", cfg)
+    cached = cached_result(plan)
+    if cached is not None:
+        return cached, plan
     return run_job("distill", job_payload(plan, parent_run_id=None, flow_run_id=None)), plan
 
 
@@ -88,6 +92,17 @@ def test_stage_publishes_verified_traces_and_a_smaller_student(teacher_uri, easy
     assert model_info(cfg)["active_params"] <= 0.5 * model_info(tcfg)["active_params"]
     assert result.metrics["sft_steps"] == 6 and result.metrics["active_ratio"] <= 0.5
     assert [s for s, _ in ckpt.list_checkpoints(plan.output_uri)] == [3, 6]
+
+
+def test_cli_summary_names_the_student_and_the_run(teacher_uri, easy_tasks):
+    from flows.distill import describe, summarize
+
+    result, _ = run(config(teacher_uri, easy_tasks))  # the result of the test above (same config and inputs)
+    summary = summarize(result)
+    json.dumps(summary)
+    assert summary["student_uri"] == result.outputs["student"] and summary["mlflow_run_id"]
+    assert summary["trace_stats"]["kept"] == len(load_traces(summary["traces_uri"]))
+    assert summary["metrics"]["active_ratio"] <= 0.5 and summary["student_uri"] in describe(summary)
 
 
 def test_a_retried_job_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_does(

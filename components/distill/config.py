@@ -64,6 +64,9 @@ class DistillConfig(_Strict):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="optimisation and packing")
     logit: DistillLossConfig | None = Field(
         None, description="logit distillation from the teacher (same tokenizer); null = SFT on traces only")
+    corpus_max_rows: int = Field(
+        4096, ge=1, description="sft.mix_rows_per_batch > 0: the first N train rows of the dataset are the mixed-in "
+        "text (the dataset must use the teacher's tokenizer)")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     price_per_device_hour: float = Field(2.0, ge=0, description="USD per device-hour in the stage's cost")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")

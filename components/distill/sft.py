@@ -63,6 +63,9 @@ class SFTConfig(BaseModel):
     seed: int = Field(0, description="seed of the example order, packing and on-policy draws")
     log_every: int = Field(10, gt=0, description="steps between logged metrics")
     ckpt_every: int = Field(0, ge=0, description="steps between checkpoint() calls (0 = only at the end)")
+    mix_rows_per_batch: int = Field(
+        0, ge=0, description="rows of plain text (e.g. the pretraining corpus) added to every batch, trained on "
+        "all their tokens (with the teacher: distilled on all of them)")
 
 
 class DistillLossConfig(BaseModel):
@@ -193,14 +196,28 @@ def epoch_rows(seqs: Sequence[Sequenced], seq_len: int, *, pad_id: int, seed: in
     return packed
 
 
-def batches(seqs: Sequence[Sequenced], cfg: SFTConfig, *, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (inputs, labels) batches of ``cfg.batch_size`` rows, epoch after epoch (last partial batch
-    of an epoch included)."""
-    epoch = 0
+def batches(seqs: Sequence[Sequenced], cfg: SFTConfig, *, pad_id: int, mix_rows: torch.Tensor | None = None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (inputs, labels) batches of ``cfg.batch_size`` packed example rows, epoch after epoch (last
+    partial batch of an epoch included), each followed by ``cfg.mix_rows_per_batch`` rows of ``mix_rows``
+    (a seeded permutation, cycled) trained on every token."""
+    k = cfg.mix_rows_per_batch
+    if k:
+        if mix_rows is None or mix_rows.dim() != 2 or mix_rows.shape[1] != cfg.seq_len + 1 or not len(mix_rows):
+            raise ValueError(f"mix_rows_per_batch = {k} needs mix_rows of shape (N >= 1, seq_len + 1 = "
+                             f"{cfg.seq_len + 1}), got {None if mix_rows is None else tuple(mix_rows.shape)}")
+        perm = torch.randperm(len(mix_rows), generator=torch.Generator().manual_seed(cfg.seed + 104729))
+    epoch, b = 0, 0
     while True:
         packed = epoch_rows(seqs, cfg.seq_len, pad_id=pad_id, seed=cfg.seed, epoch=epoch)
         for s in range(0, packed.inputs.shape[0], cfg.batch_size):
-            yield packed.inputs[s : s + cfg.batch_size], packed.labels[s : s + cfg.batch_size]
+            inputs, labels = packed.inputs[s : s + cfg.batch_size], packed.labels[s : s + cfg.batch_size]
+            if k:
+                rows = mix_rows[perm[torch.arange(b * k, (b + 1) * k) % len(mix_rows)]]
+                inputs = torch.cat([inputs, rows[:, :-1]])
+                labels = torch.cat([labels, rows[:, 1:]])
+            b += 1
+            yield inputs, labels
         epoch += 1
 
 
@@ -288,12 +305,15 @@ def sft_train(
     checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    mix_rows: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Fine-tune ``model`` in place on ``examples`` (dicts with ``prompt`` and ``completion``).
 
     teacher + distill_cfg: logit distillation (see the module docstring); the teacher is put in eval mode
     and never updated. checkpoint(step, state) is called every ``cfg.ckpt_every`` steps and after the last
-    one; ``resume`` is such a state. Returns the run's metrics (final loss, tokens, packing, timing).
+    one; ``resume`` is such a state. mix_rows (N, seq_len + 1) int64: token rows mixed into every batch
+    (``cfg.mix_rows_per_batch``; steps still count example epochs). Returns the run's metrics (final loss,
+    tokens, packing, timing).
     """
     if not examples:
         raise ValueError("sft_train needs at least one example")
@@ -319,7 +339,7 @@ def sft_train(
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         start = int(resume["step"])
-    data = batches(seqs, cfg, pad_id=pad)
+    data = batches(seqs, cfg, pad_id=pad, mix_rows=mix_rows)
     for _ in range(start):  # same data order as an uninterrupted run
         next(data)
     op_rng = random.Random(cfg.seed + 7919)

@@ -139,6 +139,37 @@ def build_student(cfg: DistillConfig, inputs: dict[str, str], teacher_cfg) -> tu
     return model, scfg
 
 
+def corpus_rows(cfg: DistillConfig, inputs: dict[str, str], teacher) -> Any:
+    """(N, sft.seq_len + 1) int64 rows of the dataset's train split to mix into every batch, or None."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from components.data.format import PackedDataset
+    from components.eval.models import local_dir
+
+    if not cfg.sft.mix_rows_per_batch:
+        return None
+    if "dataset" not in inputs:
+        raise ConfigError("distill.sft.mix_rows_per_batch needs a dataset: set distill.dataset (the teacher's "
+                          "lineage names none)")
+    ds_dir = local_dir(inputs["dataset"])
+
+    def sha(path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    if sha(ds_dir / "tokenizer.json") != sha(teacher.path / "tokenizer.json"):
+        raise ConfigError("distill.sft.mix_rows_per_batch: the dataset's tokenizer is not the teacher's; "
+                          "mix only text tokenised for the teacher (or set mix_rows_per_batch to 0)")
+    ds = PackedDataset(ds_dir, "train")
+    width = cfg.sft.seq_len + 1
+    if ds.row_len < width:
+        raise ConfigError(f"distill.sft.seq_len ({cfg.sft.seq_len}) exceeds the dataset's ({ds.seq_len})")
+    n = min(len(ds), cfg.corpus_max_rows)
+    return torch.from_numpy(np.stack([ds[i][:width] for i in range(n)]))
+
+
 class Checkpoints:
     """Pretraining's checkpoint layout and helpers, driven by `sft_train`'s checkpoint callback (every
     `checkpoint.every` steps and at the end)."""
@@ -201,7 +232,7 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageOutput:
     sft_metrics = sft_train(
         student, teacher.tokenizer, train, sft_cfg, tracker=ctx.tracker,
         teacher=teacher.model if cfg.logit is not None else None, distill_cfg=cfg.logit,
-        checkpoint=checkpoints.save, resume=resume, log=log.info)
+        checkpoint=checkpoints.save, resume=resume, log=log.info, mix_rows=corpus_rows(cfg, inputs, teacher))
     train_s = time.time() - t_train
 
     metrics: dict[str, float] = {f"traces_{k}": float(v) for k, v in trace_stats.items()

@@ -138,3 +138,21 @@ def test_fused_kernel_is_what_distillation_calls(monkeypatch, tok, examples, mak
     offpolicy_loss(make_model(), rows.inputs, rows.labels, teacher=make_model(seed=3),
                    dcfg=DistillLossConfig(chunk_size=8))
     assert calls and calls[0]["chunk_size"] == 8
+
+
+def test_mixed_rows_follow_every_batch_and_train_on_all_their_tokens():
+    from components.distill.sft import batches
+
+    seqs = [Sequenced([5, 6, 7, 8], [False, True, True, True])] * 6
+    corpus = torch.arange(100, 100 + 5 * 9).reshape(5, 9)
+    cfg = SFTConfig(seq_len=8, batch_size=1, mix_rows_per_batch=2)
+    stream = batches(seqs, cfg, pad_id=2, mix_rows=corpus)
+    seen = []
+    for _ in range(5):  # 5 batches x 2 rows = every corpus row twice
+        inputs, labels = next(stream)
+        assert inputs.shape == (3, 8) and labels.shape == (3, 8)
+        assert (labels[1:] == inputs[1:] + 1).all()  # consecutive tokens: targets are the next ones
+        seen += [int(r[0]) for r in inputs[1:]]
+    assert sorted(seen) == sorted([100 + 9 * i for i in range(5)] * 2)
+    with pytest.raises(ValueError, match="mix_rows"):
+        next(batches(seqs, cfg, pad_id=2, mix_rows=None))

@@ -149,3 +149,35 @@ def test_published_traces_are_reused_instead_of_sampled(teacher_uri, easy_tasks,
     again, _ = run(config(teacher_uri, easy_tasks, traces_uri=first.outputs["traces"], logit=None,
                           sft={"max_steps": 2}))
     assert again.outputs["traces"] == first.outputs["traces"] and storage.is_published(again.outputs["student"])
+
+
+def _dataset(path, rows, tokenizer_json: str):
+    import numpy as np
+
+    (path / "train").mkdir(parents=True)
+    np.asarray(rows).astype("<u2").tofile(path / "train" / "00000.bin")
+    meta = {"format": "moeflow-packed", "format_version": 1, "dtype": "uint16", "seq_len": len(rows[0]) - 1,
+            "row_len": len(rows[0]), "vocab_size": 300, "eval": {},
+            "splits": {"train": {"rows": len(rows), "shards": [{"file": "train/00000.bin", "rows": len(rows)}]}}}
+    (path / "dataset.json").write_text(json.dumps(meta))
+    (path / "tokenizer.json").write_text(tokenizer_json)
+    return path
+
+
+def test_corpus_rows_come_from_a_dataset_with_the_teachers_tokenizer(teacher_uri, tmp_path):
+    from types import SimpleNamespace
+
+    from components.distill.config import DistillConfig
+    from components.eval.models import local_dir
+
+    teacher = SimpleNamespace(path=local_dir(teacher_uri))
+    rows = [[i * 10 + j for j in range(12)] for i in range(6)]
+    same = _dataset(tmp_path / "same", rows, (teacher.path / "tokenizer.json").read_text())
+    cfg = DistillConfig(teacher="x", corpus_max_rows=4, sft={"seq_len": 8, "mix_rows_per_batch": 2})
+    got = distill_stage.corpus_rows(cfg, {"dataset": str(same)}, teacher)
+    assert got.tolist() == [r[:9] for r in rows[:4]]
+    other = _dataset(tmp_path / "other", rows, "{}")
+    with pytest.raises(ConfigError, match="tokenizer"):
+        distill_stage.corpus_rows(cfg, {"dataset": str(other)}, teacher)
+    off = DistillConfig(teacher="x")
+    assert distill_stage.corpus_rows(off, {}, teacher) is None

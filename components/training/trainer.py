@@ -119,8 +119,10 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Set up, resume, run the remaining steps, finish; returns outputs and headline metrics."""
         cfg = self.cfg
-        self.setup()
+        self._det_before = torch.are_deterministic_algorithms_enabled()
+        self._threads_before = torch.get_num_threads()
         try:
+            self.setup()
             self.restore()
             t_loop = time.perf_counter()
             while self.step < cfg.steps:
@@ -141,8 +143,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        self._det_before = torch.are_deterministic_algorithms_enabled()
-        self._threads_before = torch.get_num_threads()
         self.env = D.init(cfg.device, cfg.distributed.backend, ctx.rank, ctx.world_size, ctx.local_rank)
         env = self.env
         if env.device.type == "cpu":
@@ -175,7 +175,8 @@ class Trainer:
         from components.model.model import Transformer
 
         torch.manual_seed(cfg.seed)
-        self.model = Transformer(self.model_cfg).to(env.device)
+        with torch.device(env.device):  # built where it trains: no full-size host copy per rank
+            self.model = Transformer(self.model_cfg)
         self.module = D.parallelize(self.model, env, cfg.distributed.strategy,
                                     reshard_after_forward=cfg.distributed.reshard_after_forward)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
@@ -205,6 +206,8 @@ class Trainer:
             "derived.active_params": self.params["active"], "derived.flops_per_token": self.flops_per_token,
             "derived.peak_flops": self.peak_flops, "derived.vocab_size": self.model_cfg.vocab_size,
         })
+        if not env.is_main:
+            return
         log.info("model: %.2fM parameters (%.2fM active per token, %.2fM MTP), %d MoE layers x %d experts",
                  self.params["total"] / 1e6, self.params["active"] / 1e6, self.params["mtp"] / 1e6,
                  len(self.layer_labels), self.model_cfg.n_routed_experts)
@@ -214,9 +217,9 @@ class Trainer:
                  self.peak_flops / 1e12, self.peak_source)
 
     def close(self) -> None:
+        """Undo process-wide settings and leave the process group (runs after errors too)."""
         torch.use_deterministic_algorithms(self._det_before)
         torch.set_num_threads(self._threads_before)
-        self.ctx.tracker.flush() if hasattr(self.ctx.tracker, "flush") else None
         D.destroy()
 
     # ------------------------------------------------------------------------------------------------

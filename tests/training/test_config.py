@@ -49,3 +49,16 @@ def test_accumulation_must_divide_by_the_world_size_and_says_what_to_change():
 def test_a_missing_dataset_is_a_config_error_pointing_at_prep():
     with pytest.raises(ConfigError, match="pretrain.dataset.*moeflow prep"):
         stage.input_uris(PretrainConfig())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "pretrain/small", "pretrain/h200", "pretrain/multinode"])
+def test_every_preset_validates_and_its_batch_divides_over_its_processes(preset):
+    import yaml
+
+    from .conftest import REPO
+
+    data = yaml.safe_load((REPO / "configs" / f"{preset}.yaml").read_text())
+    data = data.get("pretrain", data)
+    cfg = validate_config("pretrain", {**data, "dataset": "s3://bucket/dataset"})
+    assert cfg.grad_accum(cfg.world_size) >= 1
+    assert cfg.resources.procs_per_node * cfg.resources.nodes == cfg.world_size

@@ -93,3 +93,17 @@ def test_sigkill_mid_run_then_the_same_command_ends_with_the_same_final_loss(mic
     weights = lambda r: storage.read_manifest(r["outputs"]["checkpoint"]).files["model.safetensors"].sha256
     assert weights(result_b) == weights(result_a)
     assert [s for s, _ in ckpt.list_checkpoints(plan_b.output_uri)] == [30, 40]  # keep: 2
+
+
+def test_checkpoints_and_the_model_live_on_s3_and_a_rerun_resumes_from_there(micro_dataset, s3_env, tmp_path):
+    config = micro_config(micro_dataset, steps=8, micro_batch_size=8, checkpoint={"every": 4, "keep": 1},
+                          eval={"every": 0})
+    out = storage.join_uri(s3_env, "pretrain", "run")
+    first = run_in_process(config, out, tmp_path / "w1")
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [8]  # step 4 pruned (keep 1)
+    assert first["outputs"]["checkpoint"].startswith("s3://")
+    again = run_in_process(config, out, tmp_path / "w2")  # a retried job: finds step 8, trains nothing
+    assert again["metrics"]["resumed_from_step"] == 8
+    assert again["metrics"]["final_loss"] == first["metrics"]["final_loss"]
+    model, _ = ckpt.load_model(again["outputs"]["checkpoint"])
+    assert model.cfg.hidden_size == 32

@@ -140,11 +140,14 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from components.model import ModelConfig, format_info, model_info
+    from components.training.config import resolve_model
 
     data = apply_overrides(dict(model_config_section(load_yaml(args.config))), args.set)
     try:
-        cfg = ModelConfig.model_validate(data)
-    except ValidationError as exc:
+        cfg = ModelConfig.model_validate(resolve_model(data))
+    except ValueError as exc:
+        if not isinstance(exc, ValidationError):
+            raise CliError(f"{args.config}: {exc}") from None
         raise CliError(f"{args.config}: invalid model config:\n  " + "\n  ".join(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
     info = model_info(cfg, seq_len=args.seq_len)

@@ -53,7 +53,11 @@ def _schedules(entry: dict[str, Any]) -> list[Any]:
 
 
 def runner_deployments(entries: list[dict[str, Any]], *, work_pool: bool) -> list[Any]:
-    """RunnerDeployments for `serve` (work_pool=False) or for a work pool (work_pool=True)."""
+    """RunnerDeployments for `serve` (work_pool=False) or for a work pool (work_pool=True). On a work pool
+    the entry point is the flow's module path, importable from the installed package in the job image
+    wherever its working directory is."""
+    from prefect.deployments.runner import EntrypointType
+
     deployments = []
     for e in entries:
         kwargs: dict[str, Any] = {
@@ -66,7 +70,8 @@ def runner_deployments(entries: list[dict[str, Any]], *, work_pool: bool) -> lis
         if work_pool:
             pool = e.get("work_pool") or {}
             kwargs.update(work_pool_name=pool.get("name"), work_queue_name=pool.get("work_queue_name"),
-                          job_variables=pool.get("job_variables") or {})
+                          job_variables=pool.get("job_variables") or {},
+                          entrypoint_type=EntrypointType.MODULE_PATH)
         deployments.append(load_flow(e["entrypoint"]).to_deployment(**kwargs))
     return deployments
 
@@ -89,14 +94,15 @@ def ensure_work_pool(name: str, template_path: Path = BASE_JOB_TEMPLATE) -> str:
 
 def deploy_all(image: str, *, path: Path = PREFECT_YAML) -> list[str]:
     """Register every deployment of prefect.yaml on its work pool (created if missing); returns ids."""
-    from prefect import deploy
-
     entries = load_entries(path)
-    for pool in sorted({(e.get("work_pool") or {}).get("name") for e in entries} - {None}):
+    ids = []
+    for entry, deployment in zip(entries, runner_deployments(entries, work_pool=True), strict=True):
+        pool = (entry.get("work_pool") or {}).get("name")
+        if not pool:
+            raise ValueError(f"{path}: deployment {entry['name']} names no work_pool")
         log.info("work pool %s: %s", pool, ensure_work_pool(pool))
-    ids = deploy(*runner_deployments(entries, work_pool=True), image=image, build=False, push=False,
-                 print_next_steps_message=False, ignore_warnings=True)
-    return [str(i) for i in ids]
+        ids.append(str(deployment.apply(image=image, work_pool_name=pool)))
+    return ids
 
 
 def serve_all(*, path: Path = PREFECT_YAML, limit: int | None = None) -> None:

@@ -159,7 +159,7 @@ def corpus_rows(cfg: DistillConfig, inputs: dict[str, str], teacher) -> Any:
     def sha(path) -> str | None:
         return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
-    if sha(ds_dir / "tokenizer.json") != sha(teacher.path / "tokenizer.json"):
+    if sha(ds_dir / "tokenizer.json") != sha(teacher.tokenizer_file):
         raise ConfigError("distill.sft.mix_rows_per_batch: the dataset's tokenizer is not the teacher's; "
                           "mix only text tokenised for the teacher (or set mix_rows_per_batch to 0)")
     ds = PackedDataset(ds_dir, "train")
@@ -259,7 +259,7 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageOutput:
 
     local = ctx.workdir / "model"
     shutil.rmtree(local, ignore_errors=True)
-    ckpt.save_model(student, scfg, local, teacher.path,
+    ckpt.save_model(student, scfg, local, teacher.tokenizer_file.parent,
                     extra={"stage": "distill", "teacher": inputs["teacher"], "traces": traces_uri,
                            "metrics": metrics, "lineage": ctx.lineage})
     student_uri = storage.join_uri(ctx.output_uri, ckpt.MODEL_DIR)

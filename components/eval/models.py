@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from infra import storage
-from infra.stages import RESULT_NAME, ConfigError
+from infra.stages import JOB_CONFIG_NAME, RESULT_NAME, ConfigError
 
 REGISTRY_PREFIX = "models:/"
 MODEL_URI_TAG = "moeflow.model_uri"
@@ -85,7 +85,8 @@ class LoadedModel:
     tokenizer: Any
     cfg: Any
     path: Path
-    kind: str  # "moeflow" (save_model layout) or "hf" (release)
+    kind: str  # "moeflow" (save_model layout or a checkpoint) or "hf" (release)
+    tokenizer_file: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,8 +108,12 @@ def load_model_ref(uri: str) -> LoadedModel:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"{uri}: no config.json; not a model directory")
-    if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"{uri}: no tokenizer.json next to the model")
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():  # a training checkpoint: the tokenizer is its dataset's
+        dataset = lineage_dataset(uri)
+        tok_file = local_dir(dataset) / "tokenizer.json" if dataset else tok_file
+        if not tok_file.is_file():
+            raise ConfigError(f"{uri}: no tokenizer.json next to the model, and its lineage names no dataset")
     raw = json.loads(cfg_file.read_text())
     if raw.get("model_type") == "deepseek_v3":
         from components.model import load_pretrained
@@ -120,10 +125,11 @@ def load_model_ref(uri: str) -> LoadedModel:
 
         model, _ = load_model(path)
         kind = "moeflow"
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(tok_file))
     manifest = storage.read_manifest(uri) if storage.is_published(uri) else None
     meta = dict(getattr(manifest, "meta", None) or {})
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, cfg=model.cfg, path=path, kind=kind, meta=meta)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, cfg=model.cfg, path=path, kind=kind, meta=meta,
+                       tokenizer_file=tok_file)
 
 
 def _parent(uri: str) -> str:
@@ -183,18 +189,33 @@ def lineage_cost(uri: str, *, price_per_device_hour: float = 2.0, max_depth: int
             "estimated": any(s["source"] == "seconds" for s in stages), "stages": stages}
 
 
+def stage_inputs_of(uri: str) -> dict[str, str]:
+    """{input name: URI} of the stage that wrote ``uri``: from its RESULT.json, or, while the stage still
+    runs (a checkpoint of an unfinished run), from its job config."""
+    result = stage_result_of(uri)
+    if result is not None:
+        inputs = (result.get("lineage") or {}).get("inputs") or {}
+        return {n: i["uri"] for n, i in inputs.items() if isinstance(i, dict) and i.get("uri")}
+    probe = uri.rstrip("/")
+    for _ in range(3):
+        probe = _parent(probe)
+        if not probe or probe.endswith(":/") or probe.endswith(":"):
+            break
+        candidate = storage.join_uri(probe, JOB_CONFIG_NAME)
+        if storage.exists(candidate):
+            return dict(storage.read_json(candidate).get("inputs") or {})
+    return {}
+
+
 def lineage_dataset(uri: str, max_depth: int = 8) -> str | None:
     """The prepared dataset a model descends from (the first ``dataset`` input up its lineage)."""
     frontier, depth = [uri], 0
     while frontier and depth <= max_depth:
         nxt = []
         for u in frontier:
-            result = stage_result_of(u)
-            if result is None:
-                continue
-            inputs = (result.get("lineage") or {}).get("inputs") or {}
-            if isinstance(inputs.get("dataset"), dict) and inputs["dataset"].get("uri"):
-                return inputs["dataset"]["uri"]
-            nxt.extend(i["uri"] for i in inputs.values() if isinstance(i, dict) and i.get("uri"))
+            inputs = stage_inputs_of(u)
+            if inputs.get("dataset"):
+                return inputs["dataset"]
+            nxt.extend(inputs.values())
         frontier, depth = nxt, depth + 1
     return None

@@ -98,7 +98,7 @@ def evaluate_model(cfg: EvalConfig, name: str, uri: str, problems: list[Any], da
                    greedy=s.greedy, batch_size=s.batch_size)
     val = None
     if cfg.val_loss and dataset_dir is not None:
-        if _sha(dataset_dir / "tokenizer.json") == _sha(lm.path / "tokenizer.json"):
+        if _sha(dataset_dir / "tokenizer.json") == _sha(lm.tokenizer_file):
             val = validation_loss(lm.model, dataset_dir, "val", max_rows=cfg.val_max_rows)
         else:
             log.info("%s: tokenizer differs from the dataset's; no validation loss", name)

@@ -170,9 +170,9 @@ def test_corpus_rows_come_from_a_dataset_with_the_teachers_tokenizer(teacher_uri
     from components.distill.config import DistillConfig
     from components.eval.models import local_dir
 
-    teacher = SimpleNamespace(path=local_dir(teacher_uri))
+    teacher = SimpleNamespace(tokenizer_file=local_dir(teacher_uri) / "tokenizer.json")
     rows = [[i * 10 + j for j in range(12)] for i in range(6)]
-    same = _dataset(tmp_path / "same", rows, (teacher.path / "tokenizer.json").read_text())
+    same = _dataset(tmp_path / "same", rows, teacher.tokenizer_file.read_text())
     cfg = DistillConfig(teacher="x", corpus_max_rows=4, sft={"seq_len": 8, "mix_rows_per_batch": 2})
     got = distill_stage.corpus_rows(cfg, {"dataset": str(same)}, teacher)
     assert got.tolist() == [r[:9] for r in rows[:4]]

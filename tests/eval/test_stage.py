@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from components.eval.evaluate import evaluate
 from components.eval.models import lineage_cost, resolve_model_ref
@@ -101,3 +102,20 @@ def test_report_table_artifact_rows_are_json(eval_home, make_model, publish_mode
     assert summary["table"][0]["model"] == report["rows"][0]["name"]
     assert set(summary["table"][0]) >= {"pass@1", "device-hours", "active params"}
     assert summary["models"][0]["metrics"]["pass@1"] == report["rows"][0]["metrics"]["pass@1"]
+
+
+def test_a_checkpoint_of_a_running_stage_loads_with_its_datasets_tokenizer(eval_home, make_model, tok, tmp_path):
+    from components.data.tokenizer import save_tokenizer
+    from components.eval.models import load_model_ref
+    from components.training.checkpoint import save_model
+
+    dataset = tmp_path / "dataset"
+    save_tokenizer(tok, dataset, model_max_length=256)
+    out = tmp_path / "store" / "pretrain" / "k1"
+    model = make_model()
+    ckpt_dir = save_model(model, model.cfg, out / "checkpoints" / "step_0000010")  # no tokenizer files
+    storage.write_json(str(out / "job.json"), {"stage": "pretrain", "inputs": {"dataset": str(dataset)}})
+    loaded = load_model_ref(str(ckpt_dir))
+    assert loaded.tokenizer_file == dataset / "tokenizer.json"
+    assert loaded.tokenizer.encode("1+2").ids == tok.encode("1+2").ids
+    torch.testing.assert_close(loaded.model.output_weight(), model.output_weight())

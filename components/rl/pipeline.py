@@ -29,7 +29,7 @@ import torch
 
 from components.rl import report
 from components.rl.config import RLConfig
-from components.rl.trainer import GRPOTrainer, reference_copy
+from components.rl.trainer import GRPOTrainer, reference_copy, warm_rope
 from components.tasks import Problem, make_split
 from components.training import checkpoint as ckpt
 from infra import storage
@@ -178,6 +178,7 @@ class RLRun:
             self.model, self.model_cfg = ckpt.load_model(self.model_dir)
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(f"rl.model: {exc}") from None
+        warm_rope(self.model)  # before any generation (see warm_rope)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.heldout = heldout_problems(self.dataset_dir, cfg.eval.family, cfg.eval.n_problems)
         self.exclude = all_eval_ids(self.dataset_dir)

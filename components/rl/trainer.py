@@ -28,6 +28,7 @@ import copy
 import logging
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,20 @@ def token_id(tokenizer: Any, text: str) -> int | None:
     fn = getattr(tokenizer, "token_to_id", None) or getattr(tokenizer, "convert_tokens_to_ids", None)
     tid = fn(text) if fn else None
     return tid if isinstance(tid, int) and tid >= 0 else None
+
+
+def warm_rope(model: torch.nn.Module) -> None:
+    """Build the model's cached RoPE tables for every position, outside inference mode.
+
+    `generate` runs under `torch.inference_mode()`; a table first built there is an inference tensor, and
+    the next training forward that reads it fails ("Inference tensors cannot be saved for backward").
+    Building the full-length table first keeps `generate` from ever rebuilding it. Reported to the model's
+    owner; remove once the model builds its tables outside inference mode.
+    """
+    rope = getattr(model, "_rope", None)
+    if rope is not None:
+        with torch.inference_mode(False):
+            rope(0, model.cfg.max_position_embeddings, model.output_weight().device)
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -230,22 +245,9 @@ class GRPOTrainer:
             p.requires_grad_(False)
 
     # --- rollouts -----------------------------------------------------------------------------------
-    def _warm_rope(self) -> None:
-        """Build the model's cached RoPE tables for every position outside inference mode.
-
-        `generate` runs under `torch.inference_mode()`; a table first built there is an inference tensor,
-        and the next training forward that reads it fails ("Inference tensors cannot be saved for
-        backward"). Building the full-length table first keeps `generate` from ever rebuilding it.
-        Reported to the model's owner; remove once the model builds its tables outside inference mode.
-        """
-        rope = getattr(self.model, "_rope", None)
-        if rope is not None:
-            with torch.inference_mode(False):
-                rope(0, self.model.cfg.max_position_embeddings, self.model.output_weight().device)
-
     def _sample(self, idx: list[int], round_: int) -> tuple[list[GenerationResult], list[str], RewardBatch]:
         cfg = self.cfg
-        self._warm_rope()
+        warm_rope(self.model)
         prompts = [self.prompt_ids[i] for i in idx]
         results = generate(self.model, prompts, max_new_tokens=self.reward_cfg.max_completion_len,
                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -374,8 +376,10 @@ class GRPOTrainer:
         m: dict[str, float] = rollout_metrics(ro, self.cfg.group_size)
         if ro.problems:
             upd = self.update(ro)
-        else:
-            self.scheduler.step()
+        else:  # nothing to learn from: no update, but the schedule follows the steps
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
             upd = {}
         m.update({
             "loss": upd.get("loss", 0.0), "pg_loss": upd.get("pg_loss", 0.0),

@@ -25,6 +25,7 @@ from .format import (
     load_dataset_meta,
     load_eval_split,
     load_tokenizer,
+    task_family,
 )
 from .prep import plot_length_histogram, prepare_dataset, sample_documents
 
@@ -49,4 +50,5 @@ __all__ = [
     "plot_length_histogram",
     "prepare_dataset",
     "sample_documents",
+    "task_family",
 ]

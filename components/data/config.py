@@ -7,7 +7,7 @@ The defaults ARE the tiny preset: four task families x 3000 problems plus 2000 g
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -72,6 +72,11 @@ class TaskGenConfig(_Strict):
         default_factory=dict,
         description="per-family overrides of wrong_fraction, e.g. {'arithmetic': 0.3}",
     )
+    knobs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="difficulty knobs per family, e.g. {'arithmetic': {'max_operands': 3, 'max_value': 9}}; "
+        "recorded in dataset.json so that RL, distillation and evaluation draw problems of the same kind",
+    )
 
     @field_validator("families")
     @classmethod
@@ -84,6 +89,21 @@ class TaskGenConfig(_Strict):
             raise ValueError(f"families are listed twice: {v}")
         return v
 
+    @field_validator("knobs")
+    @classmethod
+    def _valid_knobs(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from components.tasks import get_family
+
+        for family, knobs in v.items():
+            get_family(family, **knobs)  # unknown family or knob: a ValueError naming it
+        return v
+
+    def family(self, name: str) -> Any:
+        """The task family `name` with this config's knobs."""
+        from components.tasks import get_family
+
+        return get_family(name, **self.knobs.get(name, {}))
+
     @field_validator("wrong_fraction_per_family")
     @classmethod
     def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
@@ -94,10 +114,10 @@ class TaskGenConfig(_Strict):
 
     @model_validator(mode="after")
     def _overrides_name_families(self) -> TaskGenConfig:
-        extra = sorted(set(self.wrong_fraction_per_family) - set(self.families))
+        extra = sorted((set(self.wrong_fraction_per_family) | set(self.knobs)) - set(self.families))
         if extra:
             raise ValueError(
-                f"wrong_fraction_per_family names families {extra} that are not in families {self.families}"
+                f"wrong_fraction_per_family/knobs name families {extra} that are not in families {self.families}"
             )
         return self
 

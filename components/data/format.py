@@ -25,7 +25,9 @@ A dataset directory, as `prepare_dataset` writes it::
      "splits": {"train": {"rows": R, "tokens": R * (S + 1), "documents": D, "shards":
                           [{"file": "train/00000.bin", "rows": r0}, ...], "dropped_tail_tokens": k},
                 "val": {...}},
-     "eval": {"<family>": {"file": "eval/<family>.jsonl", "problems": n}, ...}}
+     "eval": {"<family>": {"file": "eval/<family>.jsonl", "problems": n}, ...},
+     "tasks": {"families": [...], "knobs": {"<family>": {knob: value}}}}   # how problems were drawn:
+                                         # RL/distillation draw theirs with the same knobs
 
 Shard files are raw arrays, no header: `rows x row_len` tokens of `dtype`, row-major, so a shard is
 `np.memmap(path, dtype, mode="r").reshape(-1, row_len)`. Shards of a split concatenate into one token
@@ -176,3 +178,11 @@ class PackedDataset:
 
     def __repr__(self) -> str:
         return f"PackedDataset({str(self.dir)!r}, {self.split!r}: {len(self)} rows x {self.row_len})"
+
+
+def task_family(dataset_dir: str | Path, family: str) -> Any:
+    """The task family `family` with the difficulty knobs the dataset's problems were drawn with."""
+    from components.tasks import get_family
+
+    knobs = (load_dataset_meta(dataset_dir).get("tasks") or {}).get("knobs", {})
+    return get_family(family, **knobs.get(family, {}))

@@ -174,6 +174,7 @@ def prepare_dataset(cfg: PrepConfig, out_dir: Path, *, progress: bool = True) ->
         "tokenizer_adds_bos": True,
         "splits": split_meta,
         "eval": eval_meta,
+        "tasks": {"families": list(cfg.generators.tasks.families), "knobs": cfg.generators.tasks.knobs},
     }
     _write_json(out_dir / "dataset.json", meta)
 
@@ -219,7 +220,8 @@ def _eval_split(cfg: PrepConfig) -> dict[str, list]:
     from components.tasks import make_split
 
     return {
-        f: list(make_split(f, cfg.eval.n_per_family, cfg.eval.seed)) for f in cfg.generators.tasks.families
+        f: list(make_split(cfg.generators.tasks.family(f), cfg.eval.n_per_family, cfg.eval.seed))
+        for f in cfg.generators.tasks.families
     }
 
 
@@ -246,7 +248,8 @@ def _generate(cfg: PrepConfig, corpus: _Corpus, eval_problems: dict[str, list], 
 
         for family in tqdm(gen.tasks.families, desc="generate tasks", disable=not progress, leave=False):
             exclude = [p.id for p in eval_problems.get(family, [])]
-            problems = list(make_split(family, gen.tasks.n_per_family, cfg.seed, exclude_ids=exclude))
+            problems = list(make_split(gen.tasks.family(family), gen.tasks.n_per_family, cfg.seed,
+                                       exclude_ids=exclude))
             able = [i for i, p in enumerate(problems) if p.wrong_solution is not None and p.wrong_answer]
             n_wrong = round(gen.tasks.wrong_fraction_for(family) * len(able))
             wrong = set(random.Random(f"{cfg.seed}/{family}/wrong").sample(able, n_wrong))

@@ -311,3 +311,30 @@ def test_packed_dataset_pickles_without_its_mapped_shards(dataset):
     blob = pickle.dumps(ds)
     assert len(blob) < len(ds) * ds.row_len * 2 / 4  # paths and the index, not the shard contents
     np.testing.assert_array_equal(np.stack(list(pickle.loads(blob))), rows)
+
+
+def test_task_knobs_shape_the_problems_and_are_recorded(tmp_path):
+    from components.data import PrepConfig, load_eval_split, prepare_dataset, task_family
+
+    cfg = PrepConfig.model_validate({
+        "generators": {"tasks": {"families": ["arithmetic"], "n_per_family": 60,
+                                 "knobs": {"arithmetic": {"max_operands": 2, "max_value": 9}}},
+                       "generic_text": {"n_docs": 40}},
+        "eval": {"n_per_family": 10}, "tokenizer": {"vocab_size": 300}, "packing": {"seq_len": 32}})
+    out = tmp_path / "ds"
+    prepare_dataset(cfg, out, progress=False)
+    fam = task_family(out, "arithmetic")
+    assert (fam.max_operands, fam.max_value) == (2, 9)
+    for p in load_eval_split(out, "arithmetic"):
+        numbers = [int(t) for t in re.findall(r"\d+", p["question"])]
+        assert len(numbers) == 2 and max(numbers) <= 9, p["question"]
+
+
+def test_unknown_task_knob_is_named():
+    import pytest
+    from pydantic import ValidationError
+
+    from components.data import PrepConfig
+
+    with pytest.raises(ValidationError, match="max_operandz"):
+        PrepConfig.model_validate({"generators": {"tasks": {"knobs": {"arithmetic": {"max_operandz": 2}}}}})

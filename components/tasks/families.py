@@ -118,19 +118,25 @@ class Arithmetic(TaskFamily):
     min_operands: int = Field(2, ge=2, le=8, description="fewest operands (steps = operands - 1)")
     max_operands: int = Field(4, ge=2, le=8, description="most operands")
     max_value: int = Field(20, ge=2, le=10_000, description="operands are drawn from 1..max_value")
+    ops: str = Field("+-*", pattern=r"^[+\-*]+$",
+                     description="operators to draw from, each once: any of '+', '-', '*' (e.g. '+-')")
 
     @model_validator(mode="after")
     def _ranges(self) -> Arithmetic:
         _check_range(self.min_operands, self.max_operands, "operands")
+        if len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"ops {self.ops!r} names an operator twice")
+        if self.ops == "-":
+            raise ValueError("ops '-' alone cannot keep results non-negative; add '+' or '*'")
         return self
 
     def sample(self, rng: random.Random) -> Problem:
         start = value = rng.randint(1, self.max_value)
         steps: list[tuple[str, int]] = []
         for _ in range(rng.randint(self.min_operands, self.max_operands) - 1):
-            op, operand = rng.choice("+-*"), rng.randint(1, self.max_value)
+            op, operand = rng.choice(self.ops), rng.randint(1, self.max_value)
             if op == "-" and operand > value:
-                op = "+"
+                op = "+" if "+" in self.ops else "*"
             steps.append((op, operand))
             value = _apply(value, op, operand)
         texts, answer = _chain(start, steps)

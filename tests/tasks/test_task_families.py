@@ -114,3 +114,18 @@ def test_problem_round_trips_through_json():
         problem = make_split(name, 1, seed=4)[0]
         again = Problem.from_dict(json.loads(json.dumps(problem.to_dict())))
         assert again == problem and again.meta == problem.meta
+
+
+def test_arithmetic_ops_knob_limits_the_operators():
+    import random as _random
+
+    from components.tasks import get_family
+
+    fam = get_family("arithmetic", ops="+-", max_operands=3, max_value=9)
+    rng = _random.Random(3)
+    for _ in range(200):
+        q = fam.sample(rng).question
+        assert "*" not in q and "(" not in q, q
+    for bad in ("++", "-", "/"):
+        with pytest.raises(ValueError, match="ops"):
+            get_family("arithmetic", ops=bad)

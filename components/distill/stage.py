@@ -92,8 +92,12 @@ def make_traces(cfg: DistillConfig, ctx: StageContext, inputs: dict[str, str], t
             shutil.copyfile(f.removeprefix("file://"), path)
         task_paths.append(path)
     exclude = eval_problem_ids(dataset_dir)
-    problems = training_prompts(cfg.traces, families=_families(cfg, dataset_dir), exclude_ids=exclude,
-                                task_files=task_paths)
+    families: list[Any] = _families(cfg, dataset_dir)
+    if dataset_dir is not None:  # draw problems with the knobs the dataset's held-out split was drawn with
+        from components.data.format import task_family
+
+        families = [task_family(dataset_dir, f) for f in families]
+    problems = training_prompts(cfg.traces, families=families, exclude_ids=exclude, task_files=task_paths)
     t0 = time.time()
     traces, stats = collect_traces(teacher.model, teacher.tokenizer, problems, cfg.traces)
     stats["seconds"] = time.time() - t0

@@ -31,9 +31,10 @@ def eval_problem_ids(dataset_dir: Path | None) -> set[str]:
     return ids
 
 
-def training_prompts(cfg: TracesConfig, *, families: Sequence[str], exclude_ids: set[str],
+def training_prompts(cfg: TracesConfig, *, families: Sequence[Any], exclude_ids: set[str],
                      task_files: Sequence[Path] = ()) -> list[Any]:
-    """Problems to sample traces for: ``n_prompts_per_family`` per family, then the task files' problems."""
+    """Problems to sample traces for: ``n_prompts_per_family`` per family (a name, or a task family with
+    its knobs), then the task files' problems."""
     from components.tasks import load_task_file, make_split
 
     problems = []

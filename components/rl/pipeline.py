@@ -78,6 +78,16 @@ def all_eval_ids(dataset_dir: Path) -> set[str]:
     return ids
 
 
+def with_dataset_knobs(cfg: RLConfig, dataset_dir: Path) -> RLConfig:
+    """RL prompts are drawn like the dataset's held-out problems: the dataset's task knobs, unless
+    `rl.tasks.knobs` sets a family's own."""
+    from components.data.format import load_dataset_meta
+
+    knobs = (load_dataset_meta(dataset_dir).get("tasks") or {}).get("knobs", {})
+    merged = {**knobs, **cfg.tasks.knobs}
+    return cfg.model_copy(update={"tasks": cfg.tasks.model_copy(update={"knobs": merged})})
+
+
 def per_family(n: int, families: list[str]) -> list[int]:
     """`n` split over the families as evenly as possible (the first ones get the remainder)."""
     q, r = divmod(n, len(families))
@@ -180,6 +190,7 @@ class RLRun:
             raise ConfigError(f"rl.model: {exc}") from None
         warm_rope(self.model)  # before any generation (see warm_rope)
         self.tokenizer = load_tokenizer(self.model_dir)
+        self.cfg = cfg = with_dataset_knobs(cfg, self.dataset_dir)
         self.heldout = heldout_problems(self.dataset_dir, cfg.eval.family, cfg.eval.n_problems)
         self.exclude = all_eval_ids(self.dataset_dir)
         self.pool = prompt_pool(cfg, self.exclude)

@@ -378,7 +378,7 @@ class GRPOTrainer:
             upd = self.update(ro)
         else:  # nothing to learn from: no update, but the schedule follows the steps
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
                 self.scheduler.step()
             upd = {}
         m.update({

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -347,6 +349,43 @@ def fused_ce_memory(device: str, N: int, d: int, V: int) -> dict:
     return {"shape": f"{N}x{d}x{V} {str(dt)[6:]}", "fused_mb": fused, "naive_mb": naive, "ratio": fused / naive}
 
 
+def single_thread_cpu_ms(fns: dict[str, Callable[[], object]], reps: int = 3) -> dict[str, float]:
+    """Best-of-``reps`` process CPU time (ms) of each ``fn`` (forward + backward) on one thread: on a
+    shared, oversubscribed machine wall time mostly measures the neighbours, CPU time on one thread far less."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for name, fn in fns.items():
+            fn()
+            best = math.inf
+            for _ in range(reps):
+                t0 = time.process_time()
+                fn()
+                best = min(best, time.process_time() - t0)
+            out[name] = best * 1e3
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def moe_cpu_time_line(case: Case) -> str:
+    inputs = case.make()
+
+    def fwd_bwd(impl):
+        def go():
+            out = impl(*inputs)
+            out.backward(torch.ones_like(out))
+
+        return go
+
+    names = ["torch eager", "per-expert loop"] + [n for n in case.impls if n.startswith("HF")]
+    ms = single_thread_cpu_ms({n: fwd_bwd(case.impls[n]) for n in names})
+    base = ms["torch eager"]
+    parts = [f"{n} {v:.0f} ms" + ("" if n == "torch eager" else f" ({v / base:.2f}x)") for n, v in ms.items()]
+    return f"MoE routed experts ({case.shape}), forward + backward, single-thread CPU time: " + ", ".join(parts) + "."
+
+
 # ---------------------------------------------------------------------------------------------- report
 COLUMNS = ["op", "shape", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_peak_mb", "fwd_bwd_peak_mb", "error"]
 
@@ -359,29 +398,65 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_results(rows: list[dict], headline: dict | None, extra: list[str], device: str, argv: list[str]) -> Path:
+def write_results(rows: list[dict], headline: dict | None, extra: dict[str, str], device: str, argv: list[str],
+                  merge: bool) -> Path:
+    """Render ``kernels_<device>.md``/``.csv`` from ``kernels_<device>.json``. With ``merge`` (an ``--ops``
+    run) the ops just measured replace their old rows and everything else is kept, each row tagged with
+    the run that measured it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path = RESULTS / f"kernels_{device}.csv"
-    with open(csv_path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS)
-        wr.writeheader()
-        for r in rows:
-            wr.writerow({k: r.get(k, "") for k in COLUMNS})
-    md = [f"# Kernel benchmarks ({device})", ""]
+    state_path = RESULTS / f"kernels_{device}.json"
+    state = {"runs": [], "rows": [], "headline": None, "extra": {}}
+    if merge and state_path.exists():
+        state = json.loads(state_path.read_text())
     dev_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    md += [f"`python -m bench.kernels {' '.join(argv)}` on {dev_name}, torch {torch.__version__}, "
-           f"{torch.get_num_threads()} CPU threads; medians; peak = extra memory above the inputs "
-           f"({'max_memory_allocated' if device == 'cuda' else 'peak RSS via /proc/self/clear_refs'}).", ""]
-    if headline:
+    load = "" if device == "cuda" else f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end"
+    state["runs"].append(f"`python -m bench.kernels {' '.join(argv)}` ({time.strftime('%Y-%m-%d %H:%M')}) on "
+                         f"{dev_name}, torch {torch.__version__}, {torch.get_num_threads()} threads{load}")
+    run = len(state["runs"])
+    new_ops = {r["op"] for r in rows}
+    state["rows"] = [r for r in state["rows"] if r["op"] not in new_ops] + [{**r, "run": run} for r in rows]
+    state["headline"] = {**headline, "run": run} if headline else state["headline"]
+    state["extra"].update({k: {"text": v, "run": run} for k, v in extra.items()})
+    _drop_unused_runs(state)
+    state_path.write_text(json.dumps(state, indent=1))
+    return render(state, device)
+
+
+def _drop_unused_runs(state: dict) -> None:
+    """Forget runs whose every row was re-measured since, and renumber the rest."""
+    items = state["rows"] + list(state["extra"].values()) + ([state["headline"]] if state["headline"] else [])
+    used = sorted({it["run"] for it in items})
+    renum = {old: new for new, old in enumerate(used, 1)}
+    state["runs"] = [state["runs"][old - 1] for old in used]
+    for it in items:
+        it["run"] = renum[it["run"]]
+
+
+def render(state: dict, device: str) -> Path:
+    """Write ``kernels_<device>.md`` and ``.csv`` from the merged results."""
+    cols = COLUMNS + ["run"]
+    with open(RESULTS / f"kernels_{device}.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=cols)
+        wr.writeheader()
+        for r in state["rows"]:
+            wr.writerow({k: r.get(k, "") for k in cols})
+    md = [f"# Kernel benchmarks ({device})", "", "Runs:", ""]
+    md += [f"{i}. {desc}" for i, desc in enumerate(state["runs"], 1)]
+    md += ["", "Medians; peak = extra memory above the inputs during the pass, outputs and saved tensors "
+           f"included ({'max_memory_allocated' if device == 'cuda' else 'peak RSS via /proc/self/clear_refs'}). "
+           "Timings are comparable only within one op and one run.", ""]
+    h = state["headline"]
+    if h:
         md += ["## Fused linear + cross-entropy: peak memory, forward + backward", "",
-               "| shape | fused (MiB) | naive logits + F.cross_entropy (MiB) | fused / naive | goal |",
-               "|---|---|---|---|---|",
-               f"| {headline['shape']} | {headline['fused_mb']:.0f} | {headline['naive_mb']:.0f} | "
-               f"{headline['ratio']:.1%} | {headline['goal']} |", ""]
-    md += extra
-    md += ["## Per op", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        md.append("| " + " | ".join(_fmt(r.get(k)) for k in COLUMNS) + " |")
+               "| shape | fused (MiB) | naive logits + F.cross_entropy (MiB) | fused / naive | goal | run |",
+               "|---|---|---|---|---|---|",
+               f"| {h['shape']} | {h['fused_mb']:.0f} | {h['naive_mb']:.0f} | {h['ratio']:.1%} | {h['goal']} | "
+               f"{h['run']} |", ""]
+    for e in state["extra"].values():
+        md += [f"{e['text']} (run {e['run']})", ""]
+    md += ["## Per op", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in state["rows"]:
+        md.append("| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |")
     md_path = RESULTS / f"kernels_{device}.md"
     md_path.write_text("\n".join(md) + "\n")
     return md_path
@@ -410,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"fused linear CE peak memory {headline['shape']}: {headline['fused_mb']:.0f} MiB vs naive "
                   f"{headline['naive_mb']:.0f} MiB = {headline['ratio']:.1%}", flush=True)
     rows = []
-    extra: list[str] = []
+    extra: dict[str, str] = {}
     for case in build_cases(device, args.quick, not args.no_compile):
         if args.ops and not any(o in case.op for o in args.ops.split(",")):
             continue
@@ -423,10 +498,13 @@ def main(argv: list[str] | None = None) -> None:
             base = by.get("moeflow (triton)", by.get("torch eager"))
             loop = by.get("per-expert loop")
             if base and loop:
-                extra += [f"MoE routed experts ({case.shape}), forward + backward: "
-                          f"{base['impl']} {base['fwd_bwd_ms']:.1f} ms vs per-expert loop "
-                          f"{loop['fwd_bwd_ms']:.1f} ms = {loop['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}x faster.", ""]
-    path = write_results(rows, headline, extra, device, argv)
+                extra[case.op] = (f"MoE routed experts ({case.shape}), forward + backward: {base['impl']} "
+                                  f"{base['fwd_bwd_ms']:.1f} ms vs per-expert loop {loop['fwd_bwd_ms']:.1f} ms = "
+                                  f"{loop['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}x faster (wall time, 2 threads).")
+            if device == "cpu":
+                extra[case.op + " cpu time"] = moe_cpu_time_line(case)
+                print(extra[case.op + " cpu time"], flush=True)
+    path = write_results(rows, headline, extra, device, argv, merge=bool(args.ops))
     print(f"wrote {path} and {path.with_suffix('.csv')}")
     if not math.isfinite(headline["ratio"] if headline else 0.0):
         raise SystemExit("fused CE memory measurement failed")

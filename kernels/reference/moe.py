@@ -97,10 +97,9 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_perm, rows, row_slot, weight):
         T, K = rows.shape
         y_tk = y_perm.index_select(0, rows.reshape(-1)).view(T, K, -1)
-        out = torch.bmm(weight.to(y_tk.dtype).unsqueeze(1), y_tk) if y_tk.dtype == torch.float32 else (
-            torch.bmm(weight.float().unsqueeze(1), y_tk.float()))
+        out = (weight.float().unsqueeze(-1) * y_tk).sum(1)  # fp32 (promoted), K summed in slot order
         ctx.save_for_backward(y_tk, row_slot, weight)
-        return out.squeeze(1).to(y_perm.dtype)
+        return out.to(y_perm.dtype)
 
     @staticmethod
     def backward(ctx, dout):
@@ -112,7 +111,7 @@ class _Combine(torch.autograd.Function):
             dy_slots = (weight.float().unsqueeze(-1) * dout32.unsqueeze(1)).view(T * K, D).to(y_tk.dtype)
             dy = torch.cat([dy_slots, dy_slots.new_zeros(1, D)]).index_select(0, row_slot)
         if ctx.needs_input_grad[3]:
-            dw = torch.bmm(y_tk.float(), dout32.unsqueeze(-1)).squeeze(-1).to(weight.dtype)
+            dw = (y_tk * dout32.unsqueeze(1)).sum(-1).to(weight.dtype)
         return dy, None, None, dw
 
 
@@ -194,7 +193,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         dw_down = _per_expert(torch.bmm(dy.transpose(1, 2), silu * u), block_expert, E)
         du = da * silu
         dg = da.mul_(u).mul_(s * (1 + g * (1 - s)))
-        dx = torch.baddbmm(torch.bmm(dg, _per_block(w_gate, block_expert)), du, _per_block(w_up, block_expert))
+        dx = torch.bmm(dg, _per_block(w_gate, block_expert)).baddbmm_(du, _per_block(w_up, block_expert))
         dw_gate = _per_expert(torch.bmm(dg.transpose(1, 2), xb), block_expert, E)
         dw_up = _per_expert(torch.bmm(du.transpose(1, 2), xb), block_expert, E)
         return dx.view(x.shape), dw_gate, dw_up, dw_down, None, None

@@ -19,6 +19,7 @@ Counting rules (they match ``sum(p.numel())`` of the built model; a test checks 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
@@ -98,6 +99,11 @@ def model_info(cfg: ModelConfig, *, seq_len: int | None = None, dtype_bytes: int
         "kv_cache_bytes_per_token_mha": L * H * (cfg.qk_head_dim + cfg.v_head_dim) * dtype_bytes,
         "dtype_bytes": dtype_bytes,
     }
+
+
+def model_info_from_file(path: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """``model_info`` of a YAML preset (``moeflow model info --config FILE``)."""
+    return model_info(ModelConfig.from_yaml(path), **kwargs)
 
 
 def format_info(info: dict[str, Any]) -> str:

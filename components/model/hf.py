@@ -261,6 +261,36 @@ def _materialize(model: MoEFlowForCausalLM, device, dtype) -> None:
                 module.mlp.expert_counts.zero_()
 
 
+# --- CLI entry points (``moeflow model export``) --------------------------------------------------
+def export_from_state(
+    config: ModelConfig | str | Path,
+    state_file: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> Path:
+    """Export a trainer checkpoint (a safetensors file of ``model.state_dict()``) as an HF directory.
+
+    config: a ``ModelConfig`` or the YAML file the model was trained with. dtype: a torch dtype or its
+    name ("float32", "bfloat16"). Returns ``out_dir``.
+    """
+    from safetensors.torch import load_file
+
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_yaml(config)
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    state = load_file(str(state_file))
+    model = MoEFlowForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{state_file} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return export_hf(model, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype)
+
+
 # --- trainer checkpoints --------------------------------------------------------------------------
 def save_checkpoint_state(model: MoEFlowForCausalLM) -> dict[str, torch.Tensor]:
     """Full training state (trunk, head, MTP, balancing biases) as independent contiguous tensors,

@@ -149,9 +149,12 @@ class MoEFlowForCausalLM(nn.Module):
         if table is None or table[0].shape[0] < end:
             n = max(end, 2 ** math.ceil(math.log2(max(end, 1))))
             n = max(min(n, max(self.cfg.max_position_embeddings, end)), end)
-            pos = torch.arange(n, device=device)
             cfg = self.cfg
-            table = kernels.rope_cos_sin(pos, cfg.qk_rope_head_dim, cfg.rope_theta, device, cfg.rope_scaling)
+            # Built outside inference mode even when first needed by generate(): an inference tensor
+            # could not be saved for backward by a later training step (RL samples, then trains).
+            with torch.inference_mode(False), torch.no_grad():
+                pos = torch.arange(n, device=device)
+                table = kernels.rope_cos_sin(pos, cfg.qk_rope_head_dim, cfg.rope_theta, device, cfg.rope_scaling)
             self._rope_tables[device] = table
         return table[0][start:end], table[1][start:end]
 

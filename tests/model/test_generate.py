@@ -147,3 +147,16 @@ def test_generation_restores_training_mode_and_rejects_bad_arguments(model):
         generate(model, PROMPTS, max_new_tokens=model.cfg.max_position_embeddings)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, PROMPTS, max_new_tokens=2, top_p=0)
+
+
+def test_training_after_sampling_works(kit):
+    """RL samples with generate() (inference mode), then trains the same model: nothing generate cached
+    may be an inference tensor."""
+    torch.manual_seed(5)
+    model = Transformer(kit.cfg(mtp_depth=1))
+    generate(model, PROMPTS, max_new_tokens=3, temperature=1.0, seed=0)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 30))  # longer than anything generate saw
+    model.compute_loss(ids, ids).loss.backward()
+    generate(model, PROMPTS, max_new_tokens=40, temperature=1.0, seed=0)  # grows the rope table again
+    model.compute_loss(ids, ids).loss.backward()
+    assert model.embed_tokens.weight.grad is not None

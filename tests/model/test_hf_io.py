@@ -149,3 +149,28 @@ def test_checkpoint_state_round_trips_through_safetensors_with_tied_embeddings(k
         torch.testing.assert_close(other(ids), model(ids), atol=0, rtol=0)
     for a, b in zip(model.moe_layers(), other.moe_layers(), strict=True):
         assert torch.equal(a.gate.e_score_correction_bias, b.gate.e_score_correction_bias)
+
+
+def test_export_from_trainer_state_file(kit, tmp_path):
+    """``moeflow model export``: a YAML config + a safetensors state dict -> an HF directory."""
+    import yaml
+
+    from components.model import export_from_state, model_info_from_file
+
+    torch.manual_seed(4)
+    cfg = kit.cfg(mtp_depth=1)
+    model = Transformer(cfg).eval()
+    kit.randomize_biases(model)
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    save_file(save_checkpoint_state(model), str(tmp_path / "state.safetensors"))
+    out = export_from_state(tmp_path / "model.yaml", tmp_path / "state.safetensors", tmp_path / "release",
+                            dtype="bfloat16")
+    assert _keys(out)["model.embed_tokens.weight"] == torch.bfloat16
+    ids = torch.randint(0, cfg.vocab_size, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(out)(ids), model(ids), atol=0.1, rtol=0.05)
+    assert model_info_from_file(tmp_path / "model.yaml")["total_params"] == model.param_counts()["total"]
+    other = Transformer(kit.cfg(num_hidden_layers=2))
+    save_file(save_checkpoint_state(other), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="does not match the config"):
+        export_from_state(tmp_path / "model.yaml", tmp_path / "other.safetensors", tmp_path / "bad")

@@ -3,5 +3,6 @@ each has a ``main(argv)`` and writes its tables under ``bench/results/``."""
 
 MODULES = [
     "bench.kernels",
+    "bench.model",
     "bench.prep",
 ]

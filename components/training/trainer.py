@@ -234,18 +234,20 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         micro = self.batches.next_step()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, mtp, aux (summed over micro-batches)
+        # loss, lm, mtp, aux summed over micro-batches; kept on the device (one sync per step; NCCL
+        # collectives need device tensors)
+        sums = torch.zeros(4, dtype=torch.float64, device=env.device)
         for i, (inputs, labels) in enumerate(micro):
             inputs, labels = inputs.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
             with D.no_grad_sync(self.module, skip=i < len(micro) - 1), self._autocast():
                 parts = self.module(inputs, labels)
                 (parts[0] / len(micro)).backward()
-            sums += torch.stack([p.detach().double().cpu() for p in parts])
-        sums = D.all_reduce(sums / len(micro), "avg")
+            sums += torch.stack([p.detach().double() for p in parts])
+        sums = D.all_reduce(sums / len(micro), "avg").cpu()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         grad_norm = float(D.local_tensor(grad_norm))
-        counts = D.all_reduce(self.model.expert_counts().to(torch.int64).cpu())
+        counts = D.all_reduce(self.model.expert_counts().to(torch.int64)).cpu()
         lr = self.scheduler.get_last_lr()[0]
         finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
         if finite:
@@ -340,14 +342,15 @@ class Trainer:
         if not self.val:
             return None
         self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for inputs, labels in self.val:
             inputs, labels = inputs.to(self.env.device), labels.to(self.env.device)
             with self._autocast():
                 lm = self.module(inputs, labels)[1]
-            sums += torch.tensor([float(lm) * labels.numel(), labels.numel()], dtype=torch.float64)
+            sums[0] += lm.detach().double() * labels.numel()
+            sums[1] += labels.numel()
         self.model.train()
-        sums = D.all_reduce(sums)
+        sums = D.all_reduce(sums).cpu()
         val = float(sums[0] / sums[1])
         self.history["val_step"].append(self.step)
         self.history["val_loss"].append(val)
@@ -450,6 +453,10 @@ class Trainer:
         self.save_checkpoint()
         model_state = get_model_state_dict(self.model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=self.env.distributed))
+        if self.env.device.type == "cpu" and cfg.metrics.peak_tflops is None:
+            # a shared CPU's attainable GEMM rate varies with its load: the best of two measurements
+            again, _ = device_peak(self.env.device, bf16=self.bf16)
+            self.peak_flops = max(self.peak_flops, again)
         tps = self.compute_tokens / self.compute_s if self.compute_s else 0.0
         mfu = tps * self.flops_per_token / (self.env.world_size * self.peak_flops)
         tokens = self.step * self.batches.tokens_per_step

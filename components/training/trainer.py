@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -261,7 +262,7 @@ class Trainer:
             self.model.reset_expert_counts()
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped first update is intended; LambdaLR is stateless per step
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
@@ -487,12 +488,15 @@ class Trainer:
             ctx.tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=self.step)
             ctx.tracker.log_dict(ledger, "efficiency_ledger.json")
             ctx.tracker.log_text(format_ledger(ledger), "efficiency_ledger.md")
-            ctx.tracker.log_figure(loss_curve_figure(self.history), "plots/loss_curve.png")
+            figures = {"plots/loss_curve.png": loss_curve_figure(self.history)}  # (selects matplotlib's Agg)
+            import matplotlib.pyplot as plt
             if self.load_sum is not None:
                 on = "on" if cfg.balance.bias_update else "off"
                 title = f"expert load after step {self.load_warmup} (balancing {on})"
-                ctx.tracker.log_figure(load_heatmap_figure(self.load_sum, self.layer_labels, title),
-                                       "plots/expert_load_heatmap.png")
+                figures["plots/expert_load_heatmap.png"] = load_heatmap_figure(self.load_sum, self.layer_labels, title)
+            for name, fig in figures.items():
+                ctx.tracker.log_figure(fig, name)
+                plt.close(fig)
             log.info("efficiency ledger:\n%s", format_ledger(ledger))
             local = ctx.workdir / "model"
             shutil.rmtree(local, ignore_errors=True)

@@ -115,6 +115,7 @@ class Trainer:
         self._window = {"tokens": 0, "seconds": 0.0}
         self._saved_step = -1
         self._session_steps = 0
+        self._last_load: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None  # newest step's loads
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -319,7 +320,7 @@ class Trainer:
         self._window = {"tokens": 0, "seconds": 0.0}
         mfu = tps * self.flops_per_token / (self.env.world_size * self.peak_flops)
         out = {**m, "tokens_per_s": tps, "mfu": mfu, "tokens": self.step * self.batches.tokens_per_step}
-        if getattr(self, "_last_load", None) is not None:
+        if self._last_load is not None:
             stats, _ = self._last_load
             for i, label in enumerate(self.layer_labels):
                 out[f"expert_load/max_mean/{label}"] = float(stats["max_mean"][i])

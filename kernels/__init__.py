@@ -65,16 +65,20 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim, optionally of ``x + residual``.
 
-    x ``(..., D)`` fp32/bf16; weight ``(D,)`` fp32/bf16; residual like x or None.
+    x ``(..., D)`` fp32/bf16; weight ``(D,)`` fp32/bf16; residual of x's shape or None.
     Returns y in x.dtype (fp32 statistics, HF DeepseekV3RMSNorm rounding), or ``(y, x + residual)``.
+    When x and residual differ in dtype (under autocast: a bf16 block output added to an fp32 residual
+    stream) both are promoted first, as ``x + residual`` would be, and y comes in the promoted dtype.
     """
     _check_float("x", x)
     _check_float("weight", weight)
     assert weight.shape == (x.shape[-1],), f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}"
     if residual is not None:
-        assert residual.shape == x.shape and residual.dtype == x.dtype, (
-            f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
-        )
+        assert residual.shape == x.shape, f"residual must match x {tuple(x.shape)}, got {tuple(residual.shape)}"
+        _check_float("residual", residual)
+        if residual.dtype != x.dtype:
+            dtype = torch.promote_types(x.dtype, residual.dtype)
+            x, residual = x.to(dtype), residual.to(dtype)
     dev = _same_device(("x", x), ("weight", weight), *([("residual", residual)] if residual is not None else []))
     if resolve(dev, "rms_norm") == "triton":
         return triton_op("rms_norm").rms_norm(x, weight, eps, residual)
@@ -270,7 +274,14 @@ def moe_ffn(
     x ``(T, D)`` fp32/bf16; topk_idx ``(T, K)`` int64; topk_weight ``(T, K)`` fp32 or x.dtype;
     w_gate, w_up ``(E, I, D)``; w_down ``(E, D, I)`` (x.dtype) -> ``(T, D)`` in x.dtype.
     Gradients for x, topk_weight and the three weights. No Python loop over experts on either backend.
+    Under autocast, x and the weights are cast to the autocast dtype and the op runs with autocast off
+    (its hand-written backward then sees the dtypes its forward saw).
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return moe_ffn(x.to(dtype), topk_idx, topk_weight, w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype))
     _check_float("x", x)
     assert x.dim() == 2, f"x must be (T, D), got {tuple(x.shape)}"
     T, D = x.shape

@@ -240,8 +240,9 @@ class MoEFlowForCausalLM(nn.Module):
     @staticmethod
     def _ce(h_BTD: torch.Tensor, W_VD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
         labels_N = labels_BT.reshape(-1)
-        total = kernels.fused_linear_cross_entropy(
-            h_BTD.reshape(-1, h_BTD.shape[-1]), W_VD, labels_N, ignore_index=IGNORE_INDEX, reduction="sum"
+        total = kernels.fused_linear_cross_entropy(  # weight cast as autocast would (no-op without it)
+            h_BTD.reshape(-1, h_BTD.shape[-1]), W_VD.to(h_BTD.dtype), labels_N, ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         return total / (labels_N != IGNORE_INDEX).sum().clamp(min=1)
 

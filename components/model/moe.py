@@ -59,7 +59,8 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, D) -> topk_idx (T, K) int64, topk_weight (T, K) fp32, scores (T, E) fp32 (unbiased)."""
         T = x_TD.shape[0]
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x_TD.device.type, enabled=False):  # route in fp32, even under bf16 autocast
+            scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
         with torch.no_grad():  # selection only: the bias never reaches the gate weights or any gradient
             choice_TE = scores_TE.detach() + self.e_score_correction_bias
             if self.n_group > 1:

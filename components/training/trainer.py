@@ -241,8 +241,9 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=env.device)
         for i, (inputs, labels) in enumerate(micro):
             inputs, labels = inputs.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
-            with D.no_grad_sync(self.module, skip=i < len(micro) - 1), self._autocast():
-                parts = self.module(inputs, labels)
+            with D.no_grad_sync(self.module, skip=i < len(micro) - 1):
+                with self._autocast():  # autocast covers the forward only, as PyTorch recommends
+                    parts = self.module(inputs, labels)
                 (parts[0] / len(micro)).backward()
             sums += torch.stack([p.detach().double() for p in parts])
         sums = D.all_reduce(sums / len(micro), "avg").cpu()

@@ -147,7 +147,7 @@ class _GroupedGemm(torch.autograd.Function):
     def backward(ctx, dy):
         x, w, block_expert = ctx.saved_tensors
         nb, block = block_expert.numel(), ctx.block
-        dy_b = dy.reshape(nb, block, -1)
+        dy_b = dy.to(x.dtype).reshape(nb, block, -1)  # autocast may hand back an fp32 gradient
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = torch.bmm(dy_b, _per_block(w, block_expert)).view(x.shape)
@@ -184,6 +184,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w_gate, w_up, w_down, block_expert, g, u = ctx.saved_tensors
+        dy = dy.to(x.dtype)  # autocast may hand back an fp32 gradient for a bf16 output
         nb, E = block_expert.numel(), w_gate.shape[0]
         xb = x.view(nb, ctx.block, -1)
         dy = dy.reshape(nb, ctx.block, -1)

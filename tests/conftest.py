@@ -24,6 +24,9 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# In-process Prefect logs to the console at interpreter exit, after pytest closed its streams.
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 S3_REGION = "us-east-1"
 S3_KEY = "testing"  # moto accepts any credentials

@@ -269,14 +269,26 @@ def _generate(cfg: PrepConfig, corpus: _Corpus, eval_problems: dict[str, list], 
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _KEY_TOKENS = 8
+_CONTINUES = frozenset("+-*/(^%")  # a question preceded by one of these is the tail of another expression
+
+
+def _standalone(joined: str, question: str, sep: str) -> bool:
+    """Whether `question` occurs in `joined` other than as the tail of a longer expression."""
+    start = joined.find(question)
+    while start != -1:
+        if joined[:start].rsplit(sep, 1)[-1] not in _CONTINUES:
+            return True
+        start = joined.find(question, start + 1)
+    return False
 
 
 def _decontaminate(corpus: _Corpus, questions: list[str]) -> tuple[list[int], dict[str, Any]]:
     """Drop documents containing any of `questions` as a run of whole tokens (after normalisation).
 
     Tokens are `\\w+` words and single punctuation marks, whitespace ignored, so "6+8 = ?" is found in
-    "Q: 6+8 = ?" and "6 + 8 = ?" but not inside "3*16+8 = ?" (a plain substring test would drop that
-    different problem). Each question is indexed under its first k tokens (k = 8, or the shortest
+    "Q: 6+8 = ?" and "6 + 8 = ?" but not inside "3*16+8 = ?" nor as the tail of "10+6+8 = ?" (a token run
+    right after an operator belongs to a different, longer problem).
+    Each question is indexed under its first k tokens (k = 8, or the shortest
     question's length); a document's token k-grams find the candidates, a joined-token substring test
     confirms them. Linear in the corpus size.
     """
@@ -294,7 +306,7 @@ def _decontaminate(corpus: _Corpus, questions: list[str]) -> tuple[list[int], di
             grams = by_key.keys() & set(zip(*(toks[j:] for j in range(k)), strict=False))
             if grams:
                 joined = sep + sep.join(toks) + sep
-                hit = next((q for g in sorted(grams) for q in by_key[g] if q in joined), None)
+                hit = next((q for g in sorted(grams) for q in by_key[g] if _standalone(joined, q, sep)), None)
         if hit is None:
             keep.append(i)
             continue

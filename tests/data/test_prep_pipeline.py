@@ -338,3 +338,14 @@ def test_unknown_task_knob_is_named():
 
     with pytest.raises(ValidationError, match="max_operandz"):
         PrepConfig.model_validate({"generators": {"tasks": {"knobs": {"arithmetic": {"max_operandz": 2}}}}})
+
+
+def test_a_longer_problem_ending_in_an_eval_question_is_kept():
+    from components.data.prep import _Corpus, _decontaminate
+
+    corpus = _Corpus()
+    corpus.add("Q: 10+5+12 = ?\nA: <think>10+5=15. 15+12=27.</think><answer>27</answer>", "tasks/a/1")
+    corpus.add("Q: 5+12 = ?\nA: <think>5+12=17.</think><answer>17</answer>", "tasks/a/2")
+    corpus.add("Somebody asked what 5+12 = ? is.", "web/3")
+    keep, stats = _decontaminate(corpus, ["5+12 = ?"])
+    assert keep == [0] and stats["removed"] == 2

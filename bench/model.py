@@ -106,7 +106,16 @@ def bench_moe(ours, theirs, reps: int) -> dict[str, float]:
         finally:
             moe_ours.impl = "kernel"
 
-    t = _best({"ours": run_ours, "theirs": run_theirs, "ours_loop": run_loop}, reps)
+    def run_theirs_eager():  # transformers' per-expert loop (``experts_implementation="eager"``)
+        impl = theirs.config._experts_implementation
+        theirs.config._experts_implementation = "eager"
+        try:
+            run_theirs()
+        finally:
+            theirs.config._experts_implementation = impl
+
+    fns = {"ours": run_ours, "theirs": run_theirs, "ours_loop": run_loop, "theirs_eager": run_theirs_eager}
+    t = _best(fns, reps)
     moe_ours.expert_counts.zero_()
     return {k: min(v) for k, v in t.items()}
 
@@ -184,16 +193,20 @@ def _hf_cache_bytes_per_token(cache, batch: int) -> float:
     return total / (batch * seq)
 
 
-def run(ours, theirs, reps: int) -> dict[str, dict]:
-    """Every measurement at the current thread count."""
+def run(tmp: Path, reps: int) -> tuple[dict[str, dict], object, float]:
+    """Every measurement at the current thread count, on freshly built (identical) models: decoding first,
+    while both still hold the exported weights, then the MoE layer, then training steps."""
+    ours, theirs, diff = build(tmp)
     peak = gemm_peak()
+    dec = [bench_decode(ours, theirs, max(1, reps // 2) if n > 100 else max(2, reps // 2), p, n)
+           for p, n in DECODE_LENGTHS]
     moe = bench_moe(ours, theirs, reps)
     train = bench_train(ours, theirs, reps)
-    dec = [bench_decode(ours, theirs, max(2, reps // 2), p, n) for p, n in DECODE_LENGTHS]
     peak = max(peak, gemm_peak())  # the best seen before and after the model timings
     flops_step = model_info(ours.cfg, seq_len=SEQ)["flops_per_token"] * BATCH * SEQ
     mfu = {k: flops_step / train[k] / peak for k in ("ours", "theirs")}
-    return {"peak": peak, "moe": moe, "train": train, "dec": dec, "mfu": mfu, "flops_step": flops_step}
+    result = {"peak": peak, "moe": moe, "train": train, "dec": dec, "mfu": mfu, "flops_step": flops_step}
+    return result, (ours, theirs), diff
 
 
 def table(r: dict, threads: int) -> list[str]:
@@ -206,6 +219,8 @@ def table(r: dict, threads: int) -> list[str]:
         "|---|---|---|---|---|",
         f"| MoE layer fwd+bwd ({BATCH}x{SEQ} tokens) | {moe['ours'] * 1e3:.1f} ms | {moe['theirs'] * 1e3:.1f} ms | "
         f"**{moe['theirs'] / moe['ours']:.2f}x** | >= 3x |",
+        f"| ... against transformers' per-expert loop (`eager`) | {moe['ours'] * 1e3:.1f} ms | "
+        f"{moe['theirs_eager'] * 1e3:.1f} ms | {moe['theirs_eager'] / moe['ours']:.2f}x | |",
         f"| training step (fwd+bwd+AdamW) | {train['ours'] * 1e3:.0f} ms | {train['theirs'] * 1e3:.0f} ms | "
         f"**{train['theirs'] / train['ours']:.2f}x** | >= 1.5x |",
         f"| MFU of the training step | {mfu['ours'] * 100:.1f}% | {mfu['theirs'] * 100:.1f}% | | |",
@@ -220,7 +235,8 @@ def table(r: dict, threads: int) -> list[str]:
         "",
         f"GEMM peak {r['peak'] / 1e9:.1f} GFLOP/s (fp32 `torch.mm` 2048^2, best in this run); per-expert loop "
         f"for the same MoE layer {moe['ours_loop'] * 1e3:.1f} ms; losses of the timed steps {train['loss_ours']:.4f} "
-        f"(moeflow) / {train['loss_theirs']:.4f} (transformers); greedy tokens equal to transformers' "
+        f"(moeflow) / {train['loss_theirs']:.4f} (transformers); greedy tokens equal to transformers' (fp32 "
+        "near-ties may flip a token, after which the sequences differ) "
         + ", ".join(f"{d['agree'] * 100:.0f}%" for d in decs) + ".",
         "",
     ]
@@ -239,10 +255,10 @@ def main(argv: list[str] | None = None) -> Path:
     threads = [int(t) for t in args.threads.split(",")]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ours, theirs, diff = build(Path(tmp))
         for n in threads:
             torch.set_num_threads(n)
-            results[n] = run(ours, theirs, args.reps)
+            results[n], (ours, theirs), diff = run(Path(tmp) / f"t{n}", args.reps)
+            print("\n".join(table(results[n], n)), flush=True)
     cfg = ours.cfg
     ours_bytes = results[threads[0]]["dec"][0]["ours_bytes"]
     naive_bytes = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
@@ -253,11 +269,13 @@ def main(argv: list[str] | None = None) -> Path:
         f"`python -m bench.model --reps {args.reps} --threads {args.threads}`: torch {torch.__version__}, "
         f"transformers {transformers.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), load average "
         f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at the end. Best of {args.reps} interleaved repetitions "
-        f"(decoding: of {max(2, args.reps // 2)}); fp32 on both sides; the same weights (transformers loads our "
-        f"export; max |logit difference| before timing {diff:.1e}).",
+        f"(decoding: of {max(2, args.reps // 2)}, the long one of {max(1, args.reps // 2)}); fp32 on both "
+        f"sides; the same weights, rebuilt for each thread count (transformers loads our export; max |logit "
+        f"difference| before timing {diff:.1e}).",
         "",
         "Config: " + ", ".join(f"{k}={v}" for k, v in CONFIG.items()) + f"; batch {BATCH} x {SEQ} tokens. "
-        f"transformers' experts implementation: `{theirs.config._experts_implementation}`.",
+        f"transformers' experts implementation: `{theirs.config._experts_implementation}` (what "
+        "`from_pretrained` picks in this version).",
         "",
     ]
     for n in threads:

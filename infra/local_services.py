@@ -65,6 +65,7 @@ class LocalServices:
         env.setdefault("PREFECT_HOME", str(self.settings.home / "prefect"))
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         env.pop("PREFECT_API_URL", None)
+        env["PREFECT_UI_API_URL"] = self.prefect_api_url  # the UI otherwise calls the default port 4200
         Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
         prefect = self._spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
                                                  self.host, "--port", str(self.prefect_port)], env)

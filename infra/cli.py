@@ -159,17 +159,13 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_model_export(args: argparse.Namespace) -> int:
     from components.model import export_hf
     from components.training.checkpoint import load_model
-
-    model, _ = load_model(args.checkpoint)
-    out = export_hf(model, args.out, tokenizer_dir=load_model_dir(args.checkpoint))
-    emit({"out": str(out)}, args.json, f"exported {args.checkpoint} -> {out} (loads with transformers)")
-    return 0
-
-
-def load_model_dir(uri: str) -> Path:
     from infra import storage
 
-    return storage.fetch_dir(uri)
+    model_dir = storage.fetch_dir(args.checkpoint)  # verified once; weights and tokenizer come from it
+    model, _ = load_model(model_dir)
+    out = export_hf(model, args.out, tokenizer_dir=model_dir)
+    emit({"out": str(out)}, args.json, f"exported {args.checkpoint} -> {out} (loads with transformers)")
+    return 0
 
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:

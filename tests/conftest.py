@@ -129,3 +129,16 @@ def store_base(request, moeflow_home: str, tmp_path_factory) -> Iterator[str]:
         base = str(tmp_path_factory.mktemp("store"))
     with patched_env(MOEFLOW_STORE_URI=base):
         yield base
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port()` -> a TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

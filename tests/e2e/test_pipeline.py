@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -110,12 +109,6 @@ def test_rerun_redoes_only_what_is_missing_then_nothing(demo):
     assert time.time() - t0 < 0.2 * demo["seconds"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dom(url: str, profile: Path) -> str:
     cmd = [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -125,7 +118,7 @@ def _dom(url: str, profile: Path) -> str:
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed "
                     "(`make test` installs it when it runs as root)")
-def test_both_uis_show_the_demo_runs(demo, tmp_path):
+def test_both_uis_show_the_demo_runs(demo, tmp_path, free_port):
     from mlflow import MlflowClient
 
     from infra.local_services import LocalServices
@@ -134,7 +127,7 @@ def test_both_uis_show_the_demo_runs(demo, tmp_path):
     settings = Settings(home=demo["home"])
     exp = MlflowClient(tracking_uri=settings.tracking_uri).get_experiment_by_name(settings.experiment)
     env_backup = os.environ.get("PREFECT_API_URL")
-    with LocalServices(settings, prefect_port=_free_port(), mlflow_port=_free_port(),
+    with LocalServices(settings, prefect_port=free_port(), mlflow_port=free_port(),
                        log_dir=tmp_path / "logs") as ui:
         mlflow_dom = _dom(f"{ui.mlflow_url}/#/experiments/{exp.experiment_id}/runs", tmp_path / "p1")
         prefect_dom = _dom(f"{ui.prefect_url}/runs", tmp_path / "p2")

@@ -4,22 +4,14 @@ parameter schemas that the UI renders as forms."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import yaml
 
 from infra.deploy import PREFECT_YAML, deploy_all, load_entries
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
+def prefect_server(tmp_path_factory, free_port):
     import os
 
     from infra.local_services import LocalServices
@@ -30,7 +22,7 @@ def prefect_server(tmp_path_factory):
     os.environ["MOEFLOW_HOME"] = str(home)
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     get_settings.cache_clear()
-    services = LocalServices(prefect_port=_free_port(), start_mlflow=False).start()
+    services = LocalServices(prefect_port=free_port(), start_mlflow=False).start()
     try:
         yield services.prefect_api_url
     finally:

@@ -4,7 +4,6 @@ on the embedded SQLite store, and against a real `mlflow server` on loopback wit
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -71,17 +70,11 @@ def test_figure_is_logged_as_png(moeflow_home):
     assert files == ["plots/curve.png"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(s3_env, tmp_path, patch_env):
+def mlflow_server(s3_env, tmp_path, patch_env, free_port):
     """A real `mlflow server` on loopback: SQLite backend, artifacts proxied to the moto S3 bucket."""
     bucket = s3_env.removeprefix("s3://").split("/")[0]
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": os.environ["MOEFLOW_S3__ENDPOINT_URL"]}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

@@ -122,10 +122,23 @@ def summarize(results: dict[str, StageResult], timings: dict[str, float]) -> dic
                      "seconds": timings.get(name, 0.0), "job_seconds": r.seconds, "cached": r.cached}
               for name, r in results.items()}
     releases = {role: results[f"release-{role}"].outputs["release"] for role in ("teacher", "student")}
-    return {"stages": stages, "eval": eval_rows, "releases": releases,
+    return {"stages": stages, "eval": eval_rows, "gains": gains(eval_rows), "releases": releases,
             "report_uri": results["eval"].outputs["report"],
             "cached": all(r.cached for r in results.values()),
             "seconds": round(sum(timings.values()), 2)}
+
+
+def gains(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """What the lifecycle bought, in held-out pass@1: the RL teacher over the base, the student over the
+    base, the share of the teacher's gain the student keeps (None when the teacher gained nothing) and the
+    student's share of the teacher's active parameters."""
+    base, rl, student = (rows.get(m, {}).get("pass@1") for m in ("base", "rl", "student"))
+    if None in (base, rl, student):
+        return {"rl_over_base": None, "student_over_base": None, "student_kept": None, "student_params": None}
+    t_params, s_params = rows["rl"].get("active_params"), rows["student"].get("active_params")
+    return {"rl_over_base": rl - base, "student_over_base": student - base,
+            "student_kept": (student - base) / (rl - base) if rl > base else None,
+            "student_params": s_params / t_params if t_params and s_params else None}
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -150,9 +163,18 @@ def results_markdown(summary: dict[str, Any]) -> str:
     pre = summary["stages"]["pretrain"]["metrics"]
     cost = (f"\npretraining: {pre.get('tokens', 0):,.0f} tokens, {pre.get('device_hours', 0):.4f} device-hours, "
             f"${pre.get('cost_usd', 0):.4f}" if "tokens" in pre else "")
+    g = summary["gains"]
+    verdict = ""
+    if g["rl_over_base"] is not None:
+        verdict = (f"\nRL: {100 * g['rl_over_base']:+.1f} points of pass@1 over the base; the student: "
+                   f"{100 * g['student_over_base']:+.1f} points"
+                   + (f", {_fmt(g['student_kept'], True)} of the teacher's gain"
+                      if g["student_kept"] is not None else "")
+                   + (f", with {_fmt(g['student_params'], True)} of its active parameters"
+                      if g["student_params"] is not None else ""))
     rel = "\n".join(f"- {role}: `{uri}`" for role, uri in summary["releases"].items())
     times = ", ".join(f"{name} {st['seconds']:.0f}s" for name, st in summary["stages"].items())
-    return f"{chr(10).join(lines)}\n{cost}\n\nreleases:\n{rel}\n\nstage wall time: {times}\n"
+    return f"{chr(10).join(lines)}\n{verdict}{cost}\n\nreleases:\n{rel}\n\nstage wall time: {times}\n"
 
 
 def describe(summary: dict[str, Any]) -> str:

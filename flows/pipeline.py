@@ -113,7 +113,7 @@ def summarize(results: dict[str, StageResult], timings: dict[str, float]) -> dic
         metrics, eff = m["metrics"], m.get("efficiency", {})
         maj = next((v for k, v in sorted(metrics.items()) if k.startswith("maj@")), None)
         eval_rows[m["name"]] = {
-            "pass@1": metrics.get("pass@1"), "maj@k": maj, "val_loss": m.get("val_loss"),
+            "pass@1": metrics.get("pass@1"), "maj@k": maj, "val_loss": (m.get("val_loss") or {}).get("loss"),
             "active_params": eff.get("active_params"), "total_params": eff.get("total_params"),
             "greedy_accuracy": metrics.get("greedy_accuracy"), "format_rate": metrics.get("format_rate"),
             "device_hours": eff.get("device_hours"), "cost_usd": eff.get("cost_usd"),

@@ -95,6 +95,7 @@ def pipeline_flow(preset: str = "tiny", overrides: list[str] | None = None) -> d
         summary["mlflow_run_id"] = pid
         parent.log_metrics({f"{m}.{k}": v for m, row in summary["eval"].items() for k, v in row.items()
                             if isinstance(v, int | float)})
+        parent.log_metrics({f"gains.{k}": v for k, v in summary["gains"].items()})  # None: not logged
         parent.log_dict(summary, "pipeline_summary.json")
         parent.log_text(results_markdown(summary), "results.md")
         try:

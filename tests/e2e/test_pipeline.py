@@ -87,6 +87,8 @@ def test_each_stage_is_a_child_run_of_the_pipeline_run(demo):
         assert run.data.tags["mlflow.parentRunId"] == parent, name
         assert run.info.status == "FINISHED", name
     assert client.get_run(parent).data.tags.get("prefect.flow_run_id")
+    logged = client.get_run(parent).data.metrics
+    assert logged["gains.rl_over_base"] == pytest.approx(demo["summary"]["gains"]["rl_over_base"])
 
 
 def test_releases_verify_and_a_changed_byte_fails(demo, tmp_path):

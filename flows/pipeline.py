@@ -155,12 +155,13 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 def results_markdown(summary: dict[str, Any]) -> str:
-    lines = ["| model | pass@1 | maj@k | greedy | val loss | active params | total params |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | pass@1 | maj@k | greedy | val loss | active params | total params | cost (lineage) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in summary["eval"].items():
+        cost = "–" if row.get("cost_usd") is None else f"${row['cost_usd']:.3f}"
         lines.append(f"| {name} | {_fmt(row['pass@1'], True)} | {_fmt(row['maj@k'], True)} | "
                      f"{_fmt(row['greedy_accuracy'], True)} | {_fmt(row['val_loss'])} | "
-                     f"{_fmt(row['active_params'])} | {_fmt(row['total_params'])} |")
+                     f"{_fmt(row['active_params'])} | {_fmt(row['total_params'])} | {cost} |")
     pre = summary["stages"]["pretrain"]["metrics"]
     cost = (f"\npretraining: {pre.get('tokens', 0):,.0f} tokens, {pre.get('device_hours', 0):.4f} device-hours, "
             f"${pre.get('cost_usd', 0):.4f}" if "tokens" in pre else "")

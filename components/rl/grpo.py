@@ -31,12 +31,14 @@ def group_advantages(rewards_PG: torch.Tensor, scale: Scale = "group", eps: floa
 
     scale: "group" divides by each group's std, "batch" by the std of all P*G rewards, "none" does not
     divide (Dr. GRPO). std is the unbiased (ddof=1) estimate, as in TRL's GRPO. A group whose rewards are
-    all equal gets zero advantages.
+    all equal gets exactly zero advantages: its float32 mean can miss the common value by an ulp (eight
+    rewards of 0.1), and dividing that by a std of ~1e-8 + eps would push the whole group by ~0.007.
     """
     if rewards_PG.dim() != 2:
         raise ValueError(f"rewards must be (P, G), got shape {tuple(rewards_PG.shape)}")
     r_PG = rewards_PG.to(torch.float32)
-    centered_PG = r_PG - r_PG.mean(dim=1, keepdim=True)
+    equal_P1 = r_PG.amax(dim=1, keepdim=True) == r_PG.amin(dim=1, keepdim=True)
+    centered_PG = (r_PG - r_PG.mean(dim=1, keepdim=True)).masked_fill(equal_P1, 0.0)
     if scale == "none":
         return centered_PG
     if scale == "group":

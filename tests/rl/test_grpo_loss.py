@@ -147,6 +147,9 @@ def test_group_advantages_match_per_group_formulas():
             assert batch[p, g].item() == pytest.approx((r - mean) / (batch_std + 1e-6), abs=1e-5)
             assert none[p, g].item() == pytest.approx(r - mean, abs=1e-6)
     assert torch.equal(group[1], torch.zeros(4))  # all-equal group: zero advantage, not NaN
+    for value in (0.1, 1.1, 0.085):  # float32 means of 8 equal rewards that miss the value by an ulp
+        for scale in ("group", "batch", "none"):
+            assert torch.equal(group_advantages(torch.full((2, 8), value), scale), torch.zeros(2, 8)), (value, scale)
     with pytest.raises(ValueError, match="G >= 2"):
         group_advantages(torch.ones(3, 1), "group")
     with pytest.raises(ValueError, match="scale"):

@@ -14,6 +14,10 @@ Aggregation over valid tokens (mask):
 
 Truncated completions: the caller masks them out of the loss through `mask` (DAPO's overlong filtering),
 e.g. `mask = mask_truncated(mask, truncated)`; this module never looks at lengths itself.
+
+Rows that contribute nothing (zero advantage, no KL term: every sequence of a group whose rewards are all
+equal when beta = 0) can be left out of the forward and backward altogether: pass the full batch's
+`aggregation_denominator` as `denominator` and the loss and its gradient are the full batch's.
 """
 
 from __future__ import annotations
@@ -72,6 +76,22 @@ def mask_truncated(mask_BT: torch.Tensor, truncated_B: torch.Tensor) -> torch.Te
     return mask_BT * keep_B1.to(mask_BT.dtype)
 
 
+def aggregation_denominator(mask: torch.Tensor, aggregation: Aggregation = "grpo", max_len: int | None = None) -> float:
+    """What `grpo_loss` divides the summed per-token terms by, for the (B, T) `mask`: the number of sequences
+    with a valid token ("grpo"), B * max_len ("dr_grpo", max_len defaulting to T) or the number of valid
+    tokens ("dapo"); at least 1."""
+    B, T = mask.shape
+    if aggregation == "grpo":
+        n = float((mask.to(torch.float32).sum(dim=1) > 0).sum())
+    elif aggregation == "dr_grpo":
+        n = float(B * (T if max_len is None else max_len))
+    elif aggregation == "dapo":
+        n = float(mask.to(torch.float32).sum())
+    else:
+        raise ValueError(f"aggregation must be 'grpo', 'dr_grpo' or 'dapo', got {aggregation!r}")
+    return max(n, 1.0)
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -84,12 +104,14 @@ def grpo_loss(
     eps_high: float = 0.2,
     aggregation: Aggregation = "grpo",
     max_len: int | None = None,
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped GRPO loss (scalar, float32, differentiable in `logp`) and detached statistics.
 
     logp, old_logp, ref_logp: (B, T) per-token log-probs of the sampled tokens under the current,
         sampling and reference policies (old/ref carry no gradient). advantages: (B,). mask: (B, T) bool or
-        float, 1 for completion tokens that count.
+        float, 1 for completion tokens that count. denominator: the `aggregation_denominator` of a larger
+        batch these rows are part of (the rows left out must contribute nothing); None: of these rows.
     stats: "ratio_mean", "ratio_max" (over valid tokens), "clip_fraction" (valid tokens where the clip is
         active, i.e. the gradient is cut: rho < 1-eps_low with A < 0 or rho > 1+eps_high with A > 0),
         "clip_low_fraction", "clip_high_fraction", "pg_loss" (the loss without the KL term), "n_tokens",
@@ -103,6 +125,8 @@ def grpo_loss(
         raise ValueError(f"advantages must be ({B},), got {tuple(advantages.shape)}")
     if eps_low < 0 or eps_high < 0:
         raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
+    if aggregation not in ("grpo", "dr_grpo", "dapo"):
+        raise ValueError(f"aggregation must be 'grpo', 'dr_grpo' or 'dapo', got {aggregation!r}")
 
     logp_BT = logp.to(torch.float32)
     mask_BT = mask.to(torch.float32)
@@ -118,18 +142,15 @@ def grpo_loss(
         if beta != 0.0:
             per_token_BT = pg_BT + beta * kl_BT
 
+    denom = aggregation_denominator(mask_BT, aggregation, max_len) if denominator is None else denominator
+    if denom <= 0:
+        raise ValueError(f"denominator must be > 0, got {denom}")
+
     def aggregate(values_BT: torch.Tensor) -> torch.Tensor:
         masked_BT = values_BT * mask_BT
-        if aggregation == "grpo":
-            tokens_B = mask_BT.sum(dim=1)
-            has_tokens_B = tokens_B > 0
-            per_seq_B = masked_BT.sum(dim=1) / tokens_B.clamp(min=1.0)
-            return (per_seq_B * has_tokens_B).sum() / has_tokens_B.sum().clamp(min=1)
-        if aggregation == "dr_grpo":
-            return masked_BT.sum() / (B * (T if max_len is None else max_len))
-        if aggregation == "dapo":
-            return masked_BT.sum() / mask_BT.sum().clamp(min=1.0)
-        raise ValueError(f"aggregation must be 'grpo', 'dr_grpo' or 'dapo', got {aggregation!r}")
+        if aggregation == "grpo":  # each sequence's token mean (empty sequences add 0)
+            return (masked_BT.sum(dim=1) / mask_BT.sum(dim=1).clamp(min=1.0)).sum() / denom
+        return masked_BT.sum() / denom  # dr_grpo, dapo
 
     loss = aggregate(per_token_BT)
 

@@ -12,7 +12,11 @@ One step (`GRPOTrainer.train_step`):
 2. update: `mu` passes over the batch (split into `minibatches` by groups): one forward gives the policy's
    per-token log-probs at the rollout temperature (`kernels.fused_linear_cross_entropy`, no (B, T, V)
    logits with gradients), `grpo.grpo_loss` clips the ratio to pi_old and adds beta * k3 to the frozen
-   reference (kept only when beta > 0); truncated completions are masked out when asked.
+   reference (kept only when beta > 0); truncated completions are masked out when asked. With beta = 0
+   the completions of all-equal groups (zero advantage: a quarter of them on the tiny preset) contribute
+   nothing, so they are left out of the forward and backward; the loss keeps the whole minibatch's
+   denominator (`grpo.aggregation_denominator`), so it and its gradient are unchanged. Entropy, clip and
+   ratio statistics are over the completions trained on.
 
 Rows for the policy forward are `prompt + completion`, right-padded: the model is causal, so the padding
 never reaches a real token, and every prompt starts at position 0 as in evaluation. The hidden state at
@@ -39,7 +43,13 @@ import kernels
 from components.distill.sft import TrainingDiverged, make_optimizer
 from components.model.generate import GenerationResult, generate
 from components.rl.config import GRPOConfig, SamplesConfig
-from components.rl.grpo import filter_degenerate_groups, group_advantages, grpo_loss, mask_truncated
+from components.rl.grpo import (
+    aggregation_denominator,
+    filter_degenerate_groups,
+    group_advantages,
+    grpo_loss,
+    mask_truncated,
+)
 from components.rl.rewards import RewardBatch, RewardConfig, compute_rewards
 from components.tasks import Problem, extract_answer
 from components.training.schedule import build_scheduler
@@ -318,13 +328,22 @@ class GRPOTrainer:
         P = len(ro.problems)
         groups = torch.arange(P)
         chunks = [c for c in torch.tensor_split(groups, min(cfg.minibatches, P)) if len(c)]
+        # rows that move the loss: all of them with a KL term, else those with a non-zero advantage
+        signal_B = ro.advantages_B != 0
+        if self.ref_model is not None:
+            signal_B = torch.ones_like(signal_B)
         self.model.train()
         stats: list[dict[str, float]] = []
         entropy_sum, entropy_n = 0.0, 0
         grad_norms: list[float] = []
         for epoch in range(cfg.mu):
             for chunk in chunks:
-                rows = (chunk[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
+                all_rows = (chunk[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
+                denominator = aggregation_denominator(loss_mask_BT[all_rows], cfg.aggregation,
+                                                      self.reward_cfg.max_completion_len)
+                rows = all_rows[signal_B[all_rows]]
+                if rows.numel() == 0:  # every group of the minibatch all-equal: nothing to learn from
+                    continue
                 mb = batch.select(rows)
                 logp_BT, entropy = token_logprobs(self.model, mb, cfg.temperature, with_entropy=epoch == 0)
                 if entropy is not None:
@@ -337,7 +356,7 @@ class GRPOTrainer:
                 loss, st = grpo_loss(logp_BT, mb.old_logp_BT, ro.advantages_B[rows], loss_mask_BT[rows],
                                      ref_logp=ref_logp_BT, beta=cfg.beta, eps_low=cfg.eps_low,
                                      eps_high=cfg.eps_high, aggregation=cfg.aggregation,
-                                     max_len=self.reward_cfg.max_completion_len)
+                                     max_len=self.reward_cfg.max_completion_len, denominator=denominator)
                 if epoch == 0:  # generator vs. trainer log-probs of the same policy (numerics only when mu=1)
                     with torch.no_grad():
                         d_BT = (mb.old_logp_BT - logp_BT.detach())
@@ -357,9 +376,11 @@ class GRPOTrainer:
         self.scheduler.step()
         if hasattr(self.model, "reset_expert_counts"):
             self.model.reset_expert_counts()
+        if not stats:
+            return {}
         out = {k: sum(s[k] for s in stats if k in s) / sum(1 for s in stats if k in s)
                for k in sorted({k for s in stats for k in s})}
-        out["n_tokens"] = float(sum(s["n_tokens"] for s in stats[: len(chunks)]))
+        out["n_tokens"] = float(sum(s["n_tokens"] for s in stats[: len(stats) // cfg.mu]))
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         if entropy_n:
             out["entropy"] = entropy_sum / entropy_n

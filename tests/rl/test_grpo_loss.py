@@ -5,7 +5,13 @@ import statistics
 import pytest
 import torch
 
-from components.rl.grpo import filter_degenerate_groups, group_advantages, grpo_loss, mask_truncated
+from components.rl.grpo import (
+    aggregation_denominator,
+    filter_degenerate_groups,
+    group_advantages,
+    grpo_loss,
+    mask_truncated,
+)
 
 B, T = 6, 9
 
@@ -74,6 +80,27 @@ def test_loss_and_gradient_match_the_reference(aggregation, beta, eps_low, eps_h
     assert grad[2].abs().sum() == 0 and grad[4, 0] == 0  # masked tokens get no gradient
     assert stats["clip_fraction"] == pytest.approx(clip_fraction)
     assert 0 < stats["clip_fraction"] < 1  # the inputs do exercise the clip
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])
+def test_rows_without_signal_can_be_left_out_given_the_full_denominator(aggregation):
+    """What the trainer does with degenerate groups at beta = 0: the loss and gradient do not change."""
+    logp, old, _, adv, mask = _inputs(seed=9)
+    adv = adv.detach().clone()
+    adv[[0, 3]] = 0.0  # two sequences of all-equal groups
+    full, _ = grpo_loss(logp, old, adv, mask, aggregation=aggregation)
+    (full_grad,) = torch.autograd.grad(full, logp)
+    keep = adv != 0
+    part_logp = logp.detach()[keep].requires_grad_()
+    denominator = aggregation_denominator(mask, aggregation)
+    part, _ = grpo_loss(part_logp, old[keep], adv[keep], mask[keep], aggregation=aggregation, denominator=denominator)
+    (part_grad,) = torch.autograd.grad(part, part_logp)
+    torch.testing.assert_close(part, full, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(part_grad, full_grad[keep], atol=1e-12, rtol=1e-12)
+    alone, _ = grpo_loss(part_logp, old[keep], adv[keep], mask[keep], aggregation=aggregation)
+    assert not torch.allclose(alone, full)  # the rows' own denominator would be another loss
+    with pytest.raises(ValueError, match="denominator"):
+        grpo_loss(logp, old, adv, mask, aggregation=aggregation, denominator=0.0)
 
 
 def test_dr_grpo_divides_by_the_given_max_len():

@@ -11,6 +11,7 @@ import torch
 from components.model import ModelConfig, Transformer
 from components.model.generate import GenerationResult
 from components.rl.config import GRPOConfig
+from components.rl.grpo import group_advantages
 from components.rl.rewards import RewardConfig
 from components.rl.trainer import (
     IGNORE_INDEX,
@@ -179,6 +180,43 @@ def test_update_applies_the_gradient_of_the_reference_loss(tiny_base, aggregatio
     assert stats["loss"] == pytest.approx(want_loss, rel=1e-4, abs=1e-6)
     assert stats["clip_fraction"] > 0 and stats["kl"] > 0
     assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=ATOL, rtol=RTOL, msg=f"gradient of {n}")
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dapo"])
+def test_update_leaves_out_groups_without_signal_and_keeps_the_gradient(tiny_base, monkeypatch, aggregation):
+    """beta = 0: an all-equal group never reaches the forward, and the gradient is the full batch's."""
+    import components.rl.trainer as trainer_mod
+
+    model, tok = tiny_base.load(), tiny_base.tokenizer()
+    cfg = GRPOConfig(group_size=4, prompts_per_step=3, temperature=0.9, beta=0.0, aggregation=aggregation,
+                     optim={"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0},
+                     schedule={"kind": "constant", "warmup_steps": 0})
+    trainer = GRPOTrainer(model, tok, tiny_base.problems()[:12], cfg, REWARDS, seed=3)
+    ro = trainer.rollout()
+    ro.rewards.total[:4] = 0.0  # group 0: all wrong
+    ro.rewards.total[4:8] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # group 1 has a signal
+    ro.advantages_B = group_advantages(ro.rewards.total.view(3, 4), cfg.advantage_scale).reshape(-1)
+    assert torch.equal(ro.advantages_B[:4], torch.zeros(4))
+    seen_rows = []
+    real = trainer_mod.token_logprobs
+
+    def counting(m, batch, *args, **kwargs):
+        seen_rows.append(batch.input_ids_BL.shape[0])
+        return real(m, batch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "token_logprobs", counting)
+    want_loss, want = reference_gradients(copy.deepcopy(model), ro, cfg, reference_copy(model),
+                                          REWARDS.max_completion_len)
+    got: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: got.update({names[id(p)]: p.grad.clone() for g in opt.param_groups
+                                              for p in g["params"] if p.grad is not None}))
+    stats = trainer.update(ro)
+    assert seen_rows == [int((ro.advantages_B != 0).sum())] and seen_rows[0] <= 8
+    assert stats["loss"] == pytest.approx(want_loss, rel=1e-4, abs=1e-6)
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=ATOL, rtol=RTOL, msg=f"gradient of {n}")
 

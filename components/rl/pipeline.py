@@ -302,10 +302,10 @@ class RLRun:
             step = trainer.step
             ctx.tracker.log_metrics({k: v for k, v in m.items() if k != "step"}, step=step)
             if step % cfg.log_every == 0 or step == 1 or step == g.steps:
-                self.log("step %d/%d reward %.3f (acc %.3f fmt %.2f) len %.1f kl_s %.1e clip %.3f ent %.3f "
-                         "dropped %d  %.2fs/step", step, g.steps, m["reward/total"], m["reward/accuracy"],
-                         m["reward/format"], m["response_length"], m["kl_sampler"], m["clip_fraction"],
-                         m.get("entropy", float("nan")), m["groups/dropped"], m["time/step_s"])
+                self.log("step %d/%d reward %.3f (acc %.3f fmt %.2f steps %.2f) len %.1f kl_s %.1e clip %.3f "
+                         "ent %.3f dropped %d  %.2fs/step", step, g.steps, m["reward/total"], m["reward/accuracy"],
+                         m["reward/format"], m["reward/steps"], m["response_length"], m["kl_sampler"],
+                         m["clip_fraction"], m.get("entropy", float("nan")), m["groups/dropped"], m["time/step_s"])
             if cfg.eval.every and step % cfg.eval.every == 0 and step < g.steps:
                 self.evaluate(self.model, step, f"step {step}")
             if step % cfg.checkpoint.every == 0 and step < g.steps:

@@ -32,7 +32,8 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 def reward_curve_figure(history: Sequence[dict[str, float]], evals: Sequence[dict[str, float]] = (),
                         title: str = "GRPO reward"):
-    """Total reward and training accuracy per step (raw and smoothed), held-out pass@1 where measured."""
+    """Total reward, training accuracy and (when used) the steps reward per step, raw and smoothed; held-out
+    pass@1 where measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,9 +42,10 @@ def reward_curve_figure(history: Sequence[dict[str, float]], evals: Sequence[dic
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [int(h["step"]) for h in history]
     w = max(1, len(steps) // 10)
-    for key, label, color in (("reward/total", "reward (total)", "C0"), ("reward/accuracy", "train accuracy", "C1")):
-        values = [h[key] for h in history]
-        if values:
+    for key, label, color in (("reward/total", "reward (total)", "C0"), ("reward/accuracy", "train accuracy", "C1"),
+                              ("reward/steps", "steps reward", "C3")):
+        values = [h.get(key, 0.0) for h in history]
+        if any(values) or (values and key != "reward/steps"):
             ax.plot(steps, values, lw=0.8, alpha=0.35, color=color)
             ax.plot(steps, moving_average(values, w), lw=1.8, color=color, label=f"{label} (avg {w})")
     if evals:

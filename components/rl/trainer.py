@@ -198,7 +198,7 @@ def _concat_rewards(parts: list[RewardBatch]) -> RewardBatch:
     if len(parts) == 1:
         return parts[0]
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return RewardBatch(accuracy=cat("accuracy"), format=cat("format"), overlong=cat("overlong"),
+    return RewardBatch(accuracy=cat("accuracy"), format=cat("format"), overlong=cat("overlong"), steps=cat("steps"),
                        total=cat("total"), verify=[v for p in parts for v in p.verify],
                        n_timeout=sum(p.n_timeout for p in parts), n_error=sum(p.n_error for p in parts),
                        n_no_answer=sum(p.n_no_answer for p in parts))
@@ -207,7 +207,7 @@ def _concat_rewards(parts: list[RewardBatch]) -> RewardBatch:
 def _select_rewards(rb: RewardBatch, rows: list[int]) -> RewardBatch:
     idx = torch.tensor(rows, dtype=torch.long)
     verify = [rb.verify[i] for i in rows]
-    return RewardBatch(accuracy=rb.accuracy[idx], format=rb.format[idx], overlong=rb.overlong[idx],
+    return RewardBatch(accuracy=rb.accuracy[idx], format=rb.format[idx], overlong=rb.overlong[idx], steps=rb.steps[idx],
                        total=rb.total[idx], verify=verify, n_timeout=sum(v.status == "timeout" for v in verify),
                        n_error=sum(v.status == "error" for v in verify),
                        n_no_answer=sum(v.status == "no_answer" for v in verify))
@@ -454,7 +454,7 @@ def rollout_metrics(ro: Rollout, G: int) -> dict[str, float]:
     """Reward mean/std per component, accuracy, response length, truncation, groups dropped."""
     rb = ro.rewards
     m: dict[str, float] = {}
-    for name in ("total", "accuracy", "format", "overlong"):
+    for name in ("total", "accuracy", "format", "overlong", "steps"):
         mean, std = _mean_std(getattr(rb, name))
         m[f"reward/{name}"], m[f"reward/{name}_std"] = mean, std
     m["accuracy"] = m["reward/accuracy"]

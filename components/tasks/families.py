@@ -77,6 +77,9 @@ class TaskFamily(BaseModel, ABC):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: ClassVar[str]
+    # True when the worked solution is the only way to write the reasoning step by step, so that a
+    # completion's steps can be checked against it one by one (the RL `steps` reward)
+    canonical_steps: ClassVar[bool] = False
 
     @abstractmethod
     def sample(self, rng: random.Random) -> Problem:
@@ -115,6 +118,7 @@ class Arithmetic(TaskFamily):
     """Multi-step integer arithmetic with + - *, e.g. "(12+7)*3-5 = ?" -> 52 (never negative)."""
 
     name: ClassVar[str] = "arithmetic"
+    canonical_steps: ClassVar[bool] = True  # one left-to-right chain: "a+b=c. c-d=e."
     min_operands: int = Field(2, ge=2, le=8, description="fewest operands (steps = operands - 1)")
     max_operands: int = Field(4, ge=2, le=8, description="most operands")
     max_value: int = Field(20, ge=2, le=10_000, description="operands are drawn from 1..max_value")

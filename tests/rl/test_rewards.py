@@ -1,11 +1,11 @@
-"""Accuracy, format and overlong rewards; verifier failures are counted, never scored as wrong silently."""
+"""Accuracy, format, overlong and steps rewards; verifier failures are counted, never scored as wrong silently."""
 
 import pytest
 import torch
 
 import components.rl.rewards as rewards
-from components.rl.rewards import RewardConfig, compute_rewards, format_reward, overlong_penalty
-from components.tasks import VerifyResult, make_split
+from components.rl.rewards import RewardConfig, compute_rewards, format_reward, overlong_penalty, steps_reward
+from components.tasks import Problem, VerifyResult, make_split
 
 
 @pytest.mark.parametrize(
@@ -36,6 +36,53 @@ def test_overlong_penalty_ramps_over_the_cache_and_punishes_truncation():
     torch.testing.assert_close(penalty, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0, -1.0]))
     hard = overlong_penalty(lengths, truncated, max_len=10, cache_len=0)
     torch.testing.assert_close(hard, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0]))
+
+
+def _arithmetic(question="8+3-2 = ?", solution="8+3=11. 11-2=9.", answer="9", family="arithmetic"):
+    return Problem(family=family, id="p", question=question, answer=answer, prompt=question, solution=solution)
+
+
+@pytest.mark.parametrize(
+    ("think", "expected"),
+    [
+        ("8+3=11. 11-2=9.", 1.0),
+        (" 8 + 3 = 11.\n11-2=9 ", 1.0),  # whitespace inside and between steps does not matter
+        ("8+3=11. 11-2=8.", 0.5),  # the second step is wrong
+        ("8+3=10. 10-2=8.", 0.0),  # wrong from the first step on
+        ("8+3=10. 11-2=9.", 0.0),  # a right step after a wrong one earns nothing
+        ("8+3=11.", 0.5),  # stopped early
+        ("8+3=11. 11-2=9. 9+0=9.", 1.0),  # a step beyond the chain costs nothing (the answer decides)
+        ("3+8=11. 11-2=9.", 0.0),  # off the chain
+        ("", 0.0),
+    ],
+)
+def test_steps_reward_counts_the_right_steps_before_the_first_wrong_one(think, expected):
+    assert steps_reward(_arithmetic(), f"<think>{think}</think><answer>9</answer>") == expected
+
+
+def test_steps_reward_is_zero_without_a_format_or_a_canonical_solution():
+    assert steps_reward(_arithmetic(), "<think>8+3=11. 11-2=9.</think>9") == 0.0  # broken format
+    assert steps_reward(_arithmetic(), "8+3=11. 11-2=9. <answer>9</answer>") == 0.0
+    countdown = make_split("countdown", 1, seed=0)[0]  # many right expressions: no canonical chain
+    assert steps_reward(countdown, countdown.completion()) == 0.0
+    user = _arithmetic(family="user", solution=None)
+    assert steps_reward(user, "<think>8+3=11. 11-2=9.</think><answer>9</answer>") == 0.0
+    for p in make_split("arithmetic", 20, seed=3):  # every generated reference earns the full reward
+        assert steps_reward(p, p.completion()) == 1.0
+        assert steps_reward(p, p.completion(correct=False)) < 1.0
+
+
+def test_compute_rewards_adds_the_weighted_steps_reward():
+    problem = _arithmetic()
+    texts = ["<think>8+3=11. 11-2=9.</think><answer>9</answer>", "<think>8+3=11. 11-2=8.</think><answer>8</answer>",
+             "<think>8+3=10. 10-2=8.</think><answer>8</answer>"]
+    cfg = RewardConfig(format_weight=0.0, steps_weight=2.0, max_completion_len=20, overlong_cache_len=4)
+    batch = compute_rewards([problem] * 3, texts, [10, 10, 10], [False] * 3, cfg)
+    torch.testing.assert_close(batch.steps, torch.tensor([1.0, 0.5, 0.0]))
+    torch.testing.assert_close(batch.total, torch.tensor([3.0, 1.0, 0.0]))
+    assert batch.metrics()["reward/steps"] == pytest.approx(0.5)
+    off = compute_rewards([problem] * 3, texts, [10, 10, 10], [False] * 3, cfg.model_copy(update={"steps_weight": 0.0}))
+    torch.testing.assert_close(off.total, torch.tensor([1.0, 0.0, 0.0]))
 
 
 def test_compute_rewards_combines_weighted_components():

@@ -71,7 +71,7 @@ def test_r1_run_publishes_policy_report_samples_and_traces(inputs, tiny_base):
     assert len(summary["reward_curve"]["reward"]) == 4
     history = storage.read_json(storage.join_uri(report, "history.json"))
     for key in ("reward/total", "reward/total_std", "reward/accuracy", "reward/accuracy_std", "reward/format",
-                "reward/overlong", "accuracy", "response_length", "kl", "clip_fraction", "entropy",
+                "reward/overlong", "reward/steps", "accuracy", "response_length", "kl", "clip_fraction", "entropy",
                 "groups/dropped", "grad_norm"):
         assert all(key in row for row in history), key
     assert any(row["kl"] > 0 for row in history[1:]), "beta > 0: the policy moves away from its reference"

@@ -53,13 +53,15 @@ def test_summary_json_has_what_scripts_read(demo):
 
 
 def test_rl_beats_the_base_and_the_student_stays_close_to_the_teacher(demo):
-    """What the demo is for (issue 8), on all 200 held-out problems x 4 samples (standard error ~2 points).
+    """What the demo is for (issues 6 and 8), on all 200 held-out problems x 8 samples (standard error ~2
+    points).
 
-    The pipeline is seeded end to end and gives the same numbers with one thread or two (measured: base
-    31.1%, RL 39.1%, student 42.5%); the margins are what another CPU's last bits could move, well inside
-    what a broken stage would cost (an RL step that unlearns, a student that never learns to read)."""
+    The pipeline is seeded end to end (measured: base 31.8%, RL 54.1%, student 57.9%); the margins are what
+    another CPU's last bits could move (two RL runs that differ only in thread count ended 3 points apart),
+    well inside what a broken stage would cost (an RL step that unlearns, a student that never learns to
+    read)."""
     ev, g = demo["summary"]["eval"], demo["summary"]["gains"]
-    assert g["rl_over_base"] >= 0.04, ev
+    assert g["rl_over_base"] >= 0.12, ev
     assert ev["student"]["pass@1"] >= ev["rl"]["pass@1"] - 0.05, ev
     assert "points of pass@1 over the base" in demo["stderr"]
 

@@ -13,10 +13,10 @@ One step (`GRPOTrainer.train_step`):
    per-token log-probs at the rollout temperature (`kernels.fused_linear_cross_entropy`, no (B, T, V)
    logits with gradients), `grpo.grpo_loss` clips the ratio to pi_old and adds beta * k3 to the frozen
    reference (kept only when beta > 0); truncated completions are masked out when asked. With beta = 0
-   the completions of all-equal groups (zero advantage: a quarter of them on the tiny preset) contribute
-   nothing, so they are left out of the forward and backward; the loss keeps the whole minibatch's
-   denominator (`grpo.aggregation_denominator`), so it and its gradient are unchanged. Entropy, clip and
-   ratio statistics are over the completions trained on.
+   the completions of all-equal groups (zero advantage: a quarter of the tiny preset's with the outcome
+   reward alone, 5% with its steps reward) contribute nothing, so they are left out of the forward and
+   backward; the loss keeps the whole minibatch's denominator (`grpo.aggregation_denominator`), so it and
+   its gradient are unchanged. Entropy, clip and ratio statistics are over the completions trained on.
 
 Rows for the policy forward are `prompt + completion`, right-padded: the model is causal, so the padding
 never reaches a real token, and every prompt starts at position 0 as in evaluation. The hidden state at

@@ -125,8 +125,6 @@ def grpo_loss(
         raise ValueError(f"advantages must be ({B},), got {tuple(advantages.shape)}")
     if eps_low < 0 or eps_high < 0:
         raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
-    if aggregation not in ("grpo", "dr_grpo", "dapo"):
-        raise ValueError(f"aggregation must be 'grpo', 'dr_grpo' or 'dapo', got {aggregation!r}")
 
     logp_BT = logp.to(torch.float32)
     mask_BT = mask.to(torch.float32)
@@ -142,7 +140,9 @@ def grpo_loss(
         if beta != 0.0:
             per_token_BT = pg_BT + beta * kl_BT
 
-    denom = aggregation_denominator(mask_BT, aggregation, max_len) if denominator is None else denominator
+    denom = aggregation_denominator(mask_BT, aggregation, max_len)  # also rejects an unknown aggregation
+    if denominator is not None:
+        denom = denominator
     if denom <= 0:
         raise ValueError(f"denominator must be > 0, got {denom}")
 

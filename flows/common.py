@@ -17,22 +17,25 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
+from pydantic import BaseModel
 
+from flows.registry import get as get_stage
 from infra import storage
-from infra.jobs import (
+from infra.contract import (
     EXIT_BAD_INPUT,
     EXIT_DIVERGED,
     LABEL_FLOW_RUN,
     LABEL_MLFLOW_RUN,
     LABEL_STAGE,
+    ConfigError,
     JobFailed,
     JobSpec,
     Resources,
     StageResult,
 )
 from infra.launch import get_launcher
+from infra.plan import cached_result, job_payload
 from infra.settings import get_settings
-from infra.stages import ConfigError, cached_result, job_payload, plan_stage
 from infra.tracking import PARENT_RUN_ENV, Tracker, create_run, run_url
 
 NOT_RETRIED_EXIT_CODES = {EXIT_BAD_INPUT, EXIT_DIVERGED}
@@ -62,7 +65,7 @@ def run_stage(stage: str, config: dict[str, Any], parent_run_id: str | None = No
     and to the Prefect task-run log."""
     settings = get_settings()
     logger = get_run_logger()
-    plan = plan_stage(stage, config, settings)
+    plan = get_stage(stage).plan(config, settings)
     cached = cached_result(plan)
     if cached is not None:
         logger.info("%s: output already exists at %s (cached)", stage, plan.output_uri)
@@ -86,6 +89,34 @@ def run_stage(stage: str, config: dict[str, Any], parent_run_id: str | None = No
     launcher = get_launcher(settings)
     _echo(f"[{stage}] running as job {spec.name} ({launcher.name} launcher)")
     return launcher.run(spec, on_log=on_log)
+
+
+def convenience(what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Call `fn` (a Prefect artifact, an extra log): a failure is a warning, never a failed flow."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - conveniences never fail a run
+        logging.getLogger(__name__).warning("could not create %s: %s", what, exc)
+
+
+@contextlib.contextmanager
+def stage_flow(stage: str, config: BaseModel, *, resources: Resources | None = None
+               ) -> Iterator[tuple[Tracker, StageResult, dict[str, Any]]]:
+    """The body every stage flow shares: a parent MLflow run with the config as params, the stage run as a
+    job (`run_stage`), its summary (`summarize` of the stage's flow module) and metrics on the parent run.
+    Yields (parent run, result, summary) for the flow's own tags and artifacts; the summary then starts
+    with the parent run's id."""
+    from flows.registry import get as get_stage
+
+    data = config.model_dump(mode="json")
+    with parent_run(stage, params=data) as parent:
+        result = run_stage(stage, data, parent.run_id, resources=resources)
+        summary = get_stage(stage).flow_module.summarize(result)
+        parent.log_metrics(result.metrics)
+        yield parent, result, summary
+    rest = dict(summary)
+    summary.clear()
+    summary.update({"parent_run_id": parent.run_id, **rest})
 
 
 @contextlib.contextmanager

@@ -8,40 +8,29 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from components.distill.config import DistillConfig
-from flows.common import parent_run, run_stage
-from infra import storage
-from infra.jobs import StageResult
+from flows.common import convenience, stage_flow
+from flows.registry import STAGES
+from infra.contract import StageResult
 
 HEADLINE = ("traces_kept", "traces_problems_solved", "traces_accept_rate", "traces_train", "traces_val",
             "sft_steps", "sft_loss", "val_completion_loss", "teacher_val_completion_loss", "student_active_params",
             "teacher_active_params", "active_ratio", "device_hours", "cost_usd")
 
 
-@flow(name="distill", description="Distil a teacher into a smaller student: rejection-sampled traces, SFT, "
-      "logit distillation.")
+@flow(name="distill", description=STAGES["distill"].help)
 def distill_flow(config: DistillConfig) -> dict[str, Any]:
-    data = config.model_dump(mode="json")
-    with parent_run("distill", params=data) as parent:
-        result = run_stage("distill", data, parent.run_id)
-        summary = summarize(result)
-        parent.log_metrics(result.metrics)
+    with stage_flow("distill", config) as (parent, _, summary):
         parent.set_tags({"moeflow.student_uri": summary["student_uri"], "moeflow.traces_uri": summary["traces_uri"]})
-        try:
-            create_markdown_artifact(key="distill-summary", markdown=markdown(summary),
-                                     description="distillation: traces and student")
-        except Exception:  # an artifact is a convenience; never fail a flow for it
-            pass
-    summary["parent_run_id"] = parent.run_id
+        convenience("the Prefect artifact", create_markdown_artifact, key="distill-summary",
+                    markdown=markdown(summary), description="distillation: traces and student")
     return summary
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
     """The CLI's JSON: student and traces URIs, the job's MLflow run, trace statistics and metrics."""
     traces_uri = result.outputs["traces"]
-    stats_uri = storage.join_uri(traces_uri, "stats.json")
-    stats = storage.read_json(stats_uri) if storage.exists(stats_uri) else {}
     return {"student_uri": result.outputs["student"], "traces_uri": traces_uri,
-            "mlflow_run_id": result.mlflow_run_id, "cached": result.cached, "trace_stats": stats,
+            "mlflow_run_id": result.mlflow_run_id, "cached": result.cached, "trace_stats": result.extra["trace_stats"],
             "metrics": {k: result.metrics[k] for k in HEADLINE if k in result.metrics}}
 
 

@@ -13,32 +13,28 @@ from prefect.runtime import flow_run
 
 from components.eval.config import EvalConfig, ModelRef, SamplingConfig, SuiteConfig
 from components.eval.history import append_history, history_figure, history_uri
-from components.eval.report import markdown_report, metric_key, table_rows
-from flows.common import parent_run, run_stage
-from infra import storage
-from infra.jobs import StageResult
+from components.eval.report import markdown_report, table_rows
+from flows.common import convenience, parent_run, run_stage, stage_flow
+from flows.registry import STAGES
+from infra.contract import StageResult
 from infra.settings import get_settings
+from infra.tracking import metric_key
 
 log = logging.getLogger(__name__)
 
 
-@flow(name="eval", description="Evaluate models (checkpoints, releases, models:/NAME@ALIAS) side by side.")
+@flow(name="eval", description=STAGES["eval"].help)
 def eval_flow(config: EvalConfig) -> dict[str, Any]:
-    data = config.model_dump(mode="json")
-    with parent_run("eval", params=data) as parent:
-        result = run_stage("eval", data, parent.run_id)
-        summary = summarize(result)
-        parent.log_metrics(result.metrics)
+    with stage_flow("eval", config) as (parent, _, summary):
         parent.log_text(summary["markdown"], "report.md")
         publish_artifacts(summary, key="eval-report")
-    summary["parent_run_id"] = parent.run_id
     return summary
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
     """The CLI's JSON: the report URI, the job's MLflow run, one entry per model, the table."""
     report_uri = result.outputs["report"]
-    report = storage.read_json(storage.join_uri(report_uri, "report.json"))
+    report = result.extra["report"]  # the published report.json, as the stage returned it
     k_values = report["settings"]["k_values"]
     models = [{"name": r["name"], "uri": r["uri"], "ref": r.get("ref"), "metrics": r["metrics"],
                "val_loss": r["val_loss"],
@@ -51,11 +47,10 @@ def summarize(result: StageResult) -> dict[str, Any]:
 
 def publish_artifacts(summary: dict[str, Any], key: str) -> None:
     """The report as a Prefect markdown artifact and a table artifact (in the flow process)."""
-    try:
-        create_markdown_artifact(key=key, markdown=summary["markdown"], description="model comparison")
-        create_table_artifact(key=f"{key}-table", table=summary["table"], description="model comparison")
-    except Exception as exc:  # an artifact is a convenience; never fail an evaluation for it
-        log.warning("could not create the Prefect artifacts: %s", exc)
+    convenience("the Prefect artifact", create_markdown_artifact, key=key, markdown=summary["markdown"],
+                description="model comparison")
+    convenience("the Prefect artifact", create_table_artifact, key=f"{key}-table", table=summary["table"],
+                description="model comparison")
 
 
 def describe(summary: dict[str, Any]) -> str:
@@ -84,7 +79,7 @@ def eval_champion_flow(
 
     dataset: the suite's prepared dataset (null: the one in the model's lineage); task_files: user JSONL tasks.
     """
-    from components.eval.models import registry_version, resolve_model_ref
+    from components.refs.models import registry_version, resolve_model_ref
 
     ref = f"models:/{model_name}@{alias}"
     version = registry_version(ref)

@@ -8,7 +8,6 @@ at once, and after a failure only the failed stage and those after it run again.
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,13 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import parent_run, run_stage
-from infra.jobs import Resources, StageResult
+from flows import registry
+from flows.common import convenience, parent_run, run_stage
+from infra.contract import ConfigError, Resources, StageResult
 from infra.settings import get_settings
-from infra.stages import ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
-SECTIONS = ("prep", "pretrain", "rl", "distill", "eval", "release")
+SECTIONS = tuple(registry.STAGES)  # a pipeline preset has one section per stage, in pipeline order
 EVAL_NAMES = ("base", "rl", "student")
 
 
@@ -30,7 +29,6 @@ def load_preset(preset: str, overrides: list[str] | None = None) -> dict[str, An
     """A preset's sections (a name in configs/, or a YAML path) with `section.key=value` overrides applied;
     every section is validated before anything runs, so a typo in the last stage fails in seconds."""
     from infra.configfile import apply_overrides, load_yaml
-    from infra.stages import validate_config
 
     path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{preset}.yaml"
     if not path.exists():
@@ -44,7 +42,7 @@ def load_preset(preset: str, overrides: list[str] | None = None) -> dict[str, An
     placeholders = {"eval": {"models": [{"uri": "models:/placeholder@x"}]}, "release": {"name": "placeholder"}}
     for name in SECTIONS:
         section = {k: v for k, v in cfg[name].items() if k not in ("teacher_name", "student_name")}
-        validate_config(name, {**section, **placeholders.get(name, {})}, source=str(path))
+        registry.get(name).validate({**section, **placeholders.get(name, {})}, source=str(path))
     return cfg
 
 
@@ -98,17 +96,14 @@ def pipeline_flow(preset: str = "tiny", overrides: list[str] | None = None) -> d
         parent.log_metrics({f"gains.{k}": v for k, v in summary["gains"].items()})  # None: not logged
         parent.log_dict(summary, "pipeline_summary.json")
         parent.log_text(results_markdown(summary), "results.md")
-        try:
-            create_markdown_artifact(key="pipeline-results", markdown=results_markdown(summary),
-                                     description="base / RL teacher / student, and the releases")
-        except Exception:  # noqa: BLE001 - a Prefect artifact is a convenience, never a failure
-            pass
+        convenience("the Prefect artifact", create_markdown_artifact, key="pipeline-results",
+                    markdown=results_markdown(summary), description="base / RL teacher / student, and the releases")
     return summary
 
 
 def summarize(results: dict[str, StageResult], timings: dict[str, float]) -> dict[str, Any]:
     """The JSON scripts read: per stage (run id, outputs, metrics, seconds), per model, the releases."""
-    eval_summary = importlib.import_module("flows.eval").summarize(results["eval"])
+    eval_summary = registry.get("eval").flow_module.summarize(results["eval"])
     eval_rows: dict[str, dict[str, Any]] = {}
     for m in eval_summary["models"]:
         metrics, eff = m["metrics"], m.get("efficiency", {})

@@ -7,27 +7,22 @@ from typing import Any
 from prefect import flow
 
 from components.data.config import PrepConfig
-from flows.common import parent_run, run_stage
-from infra import storage
-from infra.jobs import StageResult
+from flows.common import stage_flow
+from flows.registry import STAGES
+from infra.contract import StageResult
 
 
-@flow(name="prep", description="Prepare a tokenised, packed dataset (with held-out evaluation tasks).")
+@flow(name="prep", description=STAGES["prep"].help)
 def prep_flow(config: PrepConfig) -> dict[str, Any]:
-    data = config.model_dump(mode="json")
-    with parent_run("prep", params=data) as parent:
-        result = run_stage("prep", data, parent.run_id)
-        summary = summarize(result)
-        parent.log_metrics(result.metrics)
+    with stage_flow("prep", config) as (parent, _, summary):
         parent.set_tags({"moeflow.dataset_uri": summary["dataset_uri"]})
-    summary["parent_run_id"] = parent.run_id
     return summary
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
     """The CLI's JSON: dataset URI, the job's MLflow run, and the dataset statistics."""
     dataset_uri = result.outputs["dataset"]
-    stats = storage.read_json(storage.join_uri(dataset_uri, "stats.json"))
+    stats = result.extra["stats"]
     return {"dataset_uri": dataset_uri, "mlflow_run_id": result.mlflow_run_id, "cached": result.cached,
             "stats": stats}
 

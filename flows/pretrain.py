@@ -11,19 +11,15 @@ from typing import Any
 from prefect import flow
 
 from components.training.config import PretrainConfig
-from flows.common import parent_run, run_stage
-from infra.jobs import StageResult
+from flows.common import stage_flow
+from flows.registry import STAGES
+from infra.contract import StageResult
 
 
-@flow(name="pretrain", description="Pretrain a DeepSeek-style MoE language model on a prepared dataset.")
+@flow(name="pretrain", description=STAGES["pretrain"].help)
 def pretrain_flow(config: PretrainConfig) -> dict[str, Any]:
-    data = config.model_dump(mode="json")
-    with parent_run("pretrain", params=data) as parent:
-        result = run_stage("pretrain", data, parent.run_id, resources=config.resources)
-        summary = summarize(result)
-        parent.log_metrics(result.metrics)
+    with stage_flow("pretrain", config, resources=config.resources) as (parent, _, summary):
         parent.set_tags({"moeflow.checkpoint_uri": summary["checkpoint_uri"]})
-    summary["parent_run_id"] = parent.run_id
     return summary
 
 

@@ -10,61 +10,48 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from components.release.config import ReleaseConfig
-from components.release.stage import GATE_NAME
-from flows.common import parent_run, run_stage
+from flows.common import convenience, stage_flow
+from flows.registry import STAGES
 from infra import storage
-from infra.jobs import StageResult
+from infra.contract import StageResult
 
 log = logging.getLogger(__name__)
 
 
-@flow(name="release", description="Package, publish, register and (if the gate passes) promote a release.")
+@flow(name="release", description=STAGES["release"].help)
 def release_flow(config: ReleaseConfig) -> dict[str, Any]:
-    data = config.model_dump(mode="json")
-    with parent_run("release", params=data) as parent:
-        result = run_stage("release", data, parent.run_id)
-        summary = summarize(result)
-        parent.log_metrics(result.metrics)
+    with stage_flow("release", config) as (parent, _, summary):
         parent.set_tags({"moeflow.release_uri": summary["release_uri"],
                          "moeflow.release_sha256": summary["release_sha256"]})
-        try:
-            card = storage.read_text(storage.join_uri(summary["release_uri"], "README.md"))
-            create_markdown_artifact(key="release-card", markdown=card, description="model card of the release")
-        except Exception as exc:  # an artifact is a convenience; never fail a release for it
-            log.warning("could not create the Prefect artifact: %s", exc)
-    summary["parent_run_id"] = parent.run_id
+        convenience("the Prefect artifact", lambda: create_markdown_artifact(
+            key="release-card", markdown=storage.read_text(storage.join_uri(summary["release_uri"], "README.md")),
+            description="model card of the release"))
     return summary
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
-    """The CLI's JSON: release URI and digest, registry version, gate decision, evaluation metrics."""
+    """The CLI's JSON: release URI and digest, registry version, gate decision, evaluation metrics — as the
+    stage returned them (`result.extra`), nothing re-read or recomputed."""
     release_uri = result.outputs["release"]
-    manifest = storage.read_manifest(release_uri)
-    if manifest is None:
-        raise storage.NotPublishedError(f"{release_uri} is no longer published")
-    meta = manifest.meta
-    gate_uri = storage.join_uri(release_uri.rstrip("/").rsplit("/", 1)[0], GATE_NAME)
-    gate = storage.read_json(gate_uri) if storage.exists(gate_uri) else (meta.get("gate") or {})
-    m = result.metrics
-    version = m.get("model_version")
-    champion = m.get("champion_version")
+    x, m = result.extra, result.metrics
+    gate = x["gate"]
     return {
         "release_uri": release_uri,
-        "release_sha256": manifest.digest(),
+        "release_sha256": x["release_sha256"],
         "mlflow_run_id": result.mlflow_run_id,
         "cached": result.cached,
-        "registered_model": meta.get("name"),
-        "version": None if version is None else int(version),
+        "registered_model": x["name"],
+        "version": x["version"],
         "gate": {
-            "passed": bool(m.get("gate_passed")),
-            "promoted": bool(m.get("promoted")),
+            "passed": bool(gate["passed"]),
+            "promoted": bool(gate["promoted"]),
             "reasons": gate.get("reasons", []),
-            "champion_version": None if champion is None else int(champion),
+            "champion_version": x["champion_version"],
         },
-        "evaluation": (meta.get("evaluation") or {}).get("metrics", {}),
+        "evaluation": x["evaluation"],
         "total_params": int(m.get("total_params", 0)),
         "active_params": int(m.get("active_params", 0)),
-        "files": int(m.get("release_files", len(manifest.files))),
+        "files": int(m["release_files"]),
         "bytes": int(m.get("release_bytes", 0)),
     }
 

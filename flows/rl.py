@@ -14,33 +14,31 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from components.rl.config import RLConfig
 from components.rl.report import table_for_prefect
-from flows.common import parent_run, run_stage
+from flows.common import convenience, stage_flow
+from flows.registry import STAGES
 from infra import storage
-from infra.jobs import StageResult
+from infra.contract import StageResult
 
 log = logging.getLogger(__name__)
 
 
-@flow(name="rl", description="R1-Zero / R1 reinforcement learning (GRPO) with verifiable rewards.")
+@flow(name="rl", description=STAGES["rl"].help)
 def rl_flow(config: RLConfig) -> dict[str, Any]:
-    data = config.model_dump(mode="json")
-    with parent_run("rl", params=data) as parent:
-        result = run_stage("rl", data, parent.run_id)
-        summary = summarize(result)
-        parent.log_metrics(result.metrics)
+    with stage_flow("rl", config) as (parent, result, summary):
         parent.set_tags({"moeflow.checkpoint_uri": summary["checkpoint_uri"]})
-        publish_artifacts(summary, storage.join_uri(result.outputs["report"], "samples.json"))
-    return {"parent_run_id": parent.run_id, **summary}
+        convenience("the Prefect artifacts", publish_artifacts, summary,
+                    storage.join_uri(result.outputs["report"], "samples.json"))
+    return summary
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
     """The CLI's JSON; it ends with checkpoint_uri, mlflow_run_id and the reward/accuracy start and end."""
     m = result.metrics
-    report = storage.read_json(storage.join_uri(result.outputs["report"], "summary.json"))
+    report = result.extra["summary"]  # the report's summary.json, as the stage returned it
     out: dict[str, Any] = {
         "report_uri": result.outputs["report"],
         "cached": result.cached,
-        "pipeline": report["pipeline"],
+        "recipe": report["recipe"],
         "eval": {"family": report["eval_family"], "problems": report["eval_problems"],
                  "samples": report["eval_samples"], "evaluations": report["evals"]},
         "metrics": m,
@@ -58,18 +56,15 @@ def summarize(result: StageResult) -> dict[str, Any]:
 
 def publish_artifacts(summary: dict[str, Any], samples_uri: str) -> None:
     """Sample completions as a Prefect table artifact, the headline numbers as a markdown artifact."""
-    try:
-        rows = storage.read_json(samples_uri)
-        create_table_artifact(key="rl-samples", table=table_for_prefect(rows),
-                              description="sample completions per interval (step, question, completion, reward)")
-        create_markdown_artifact(key="rl-summary", markdown=_markdown(summary), description="GRPO run summary")
-    except Exception as exc:  # an artifact is a convenience; never fail a run for it
-        log.warning("could not create the Prefect artifacts: %s", exc)
+    rows = storage.read_json(samples_uri)
+    create_table_artifact(key="rl-samples", table=table_for_prefect(rows),
+                          description="sample completions per interval (step, question, completion, reward)")
+    create_markdown_artifact(key="rl-summary", markdown=_markdown(summary), description="GRPO run summary")
 
 
 def _markdown(s: dict[str, Any]) -> str:
     e = s["eval"]
-    return (f"## RL ({s['pipeline']})\n\n| | start | end |\n|---|---|---|\n"
+    return (f"## RL ({s['recipe']})\n\n| | start | end |\n|---|---|---|\n"
             f"| reward (total) | {s['reward_start']:.3f} | {s['reward_end']:.3f} |\n"
             f"| held-out {e['family']} pass@1 ({e['problems']} problems x {e['samples']}) | "
             f"{s['accuracy_start']:.3f} | {s['accuracy_end']:.3f} |\n\n"

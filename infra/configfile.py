@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from infra.stages import ConfigError
+from infra.contract import ConfigError
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -57,7 +57,7 @@ class KubernetesSettings(BaseModel):
 
 class Settings(BaseSettings):
     """Resolved platform settings. Build with `get_settings()`; switch each row of the embedded/cluster
-    table in ARCHITECTURE.md independently."""
+    table in docs/architecture.md independently."""
 
     model_config = SettingsConfigDict(
         env_prefix="MOEFLOW_", env_nested_delimiter="__", extra="forbid", validate_default=True

@@ -75,9 +75,10 @@ def git_commit() -> str | None:
 _INVALID_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
-def safe_key(key: str) -> str:
-    """MLflow keys allow letters, digits, '_', '-', '.', ' ' and '/': 'pass@1' becomes 'pass_at_1'."""
-    return _INVALID_KEY_CHARS.sub("_", key.replace("@", "_at_"))
+def metric_key(key: str) -> str:
+    """The form of a metric name used in MLflow, configs and tags: MLflow keys allow letters, digits, '_',
+    '-', '.', ' ' and '/', so 'pass@1' becomes 'pass_at_1'."""
+    return _INVALID_KEY_CHARS.sub("_", str(key).replace("@", "_at_"))
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -121,7 +122,7 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(safe_key(k), str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        items = [Param(metric_key(k), str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -141,7 +142,7 @@ class Tracker:
             for k, v in metrics.items():
                 if v is None:
                     continue
-                self._buf.append(Metric(safe_key(k), float(v), ts, int(step or 0)))
+                self._buf.append(Metric(metric_key(k), float(v), ts, int(step or 0)))
             due = len(self._buf) >= self._flush_every or time.monotonic() - self._last_flush > self._flush_s
         if due:
             self.flush()

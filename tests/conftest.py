@@ -7,6 +7,11 @@
 - `patch_env`: the `patched_env(**vars)` context manager below (set/unset variables, reload settings).
 - `store_base`: parametrized ["local", "s3"]; yields a base URI in a temporary directory or in a fresh
   bucket, and sets MOEFLOW_STORE_URI to it. A test that takes it runs once per backend.
+- `one_thread`: torch on one thread for the test (autouse in the folders named in ONE_THREAD_DIRS).
+- Very small models for the stage tests (distillation, evaluation): `problems` (120 arithmetic problems),
+  `tok` (a 300-token BPE on them), `examples` (prompt/completion pairs), `config_of` (`small_config`),
+  `make_model(seed, **overrides)`, `publish_model(model, name) -> URI`, `task_file` (a user JSONL of 6
+  problems) and `module_home` (one MOEFLOW_HOME for a whole test module).
 
 Each fixture that changes the environment restores it afterwards and clears `get_settings`' cache and
 the storage clients both when it starts and when it ends.
@@ -20,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import torch
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -142,3 +148,114 @@ def free_port():
             return s.getsockname()[1]
 
     return pick
+
+
+# ---- one thread ----------------------------------------------------------------------------------
+ONE_THREAD_DIRS = ("distill", "eval", "release", "rl")  # tests/<dir>/: tiny matrices, many processes
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a shared machine extra threads cost 10x."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_dir = os.path.dirname(__file__)
+    for item in items:
+        rel = os.path.relpath(str(item.path), tests_dir).split(os.sep)
+        if rel[0] in ONE_THREAD_DIRS:
+            item.fixturenames.insert(0, "one_thread")
+
+
+# ---- very small models ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def problems():
+    from components.tasks import make_split
+
+    return make_split("arithmetic", 120, 0)
+
+
+@pytest.fixture(scope="session")
+def tok(problems):
+    from components.data.config import TokenizerConfig
+    from components.data.tokenizer import train_tokenizer
+
+    return train_tokenizer([p.prompt + p.completion() for p in problems], TokenizerConfig(vocab_size=300))
+
+
+@pytest.fixture(scope="session")
+def examples(problems):
+    return [{"prompt": p.prompt, "completion": p.completion()} for p in problems]
+
+
+def small_config(**over):
+    """A very small ModelConfig (2 dense layers unless overridden) with `over` on top."""
+    from components.model import ModelConfig
+
+    base = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                num_hidden_layers=2, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_shared_experts=1,
+                num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=2,
+                max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return ModelConfig(**{**base, **over})
+
+
+@pytest.fixture(scope="session")
+def config_of():
+    """small_config(**overrides) -> a very small ModelConfig (2 dense layers unless overridden)."""
+    return small_config
+
+
+@pytest.fixture
+def make_model(tok):
+    from components.model import Transformer
+
+    def make(seed: int = 0, **over):
+        torch.manual_seed(seed)
+        return Transformer(small_config(**{"vocab_size": tok.get_vocab_size(), **over}))
+
+    return make
+
+
+@pytest.fixture
+def publish_model(tok, tmp_path):
+    """publish(model, name) -> URI of the model published in the store (save_model layout + tokenizer)."""
+    from components.data.tokenizer import save_tokenizer
+    from components.refs.checkpoint import save_model
+    from infra import storage
+    from infra.settings import get_settings
+
+    tok_dir = tmp_path / "tokenizer"
+    save_tokenizer(tok, tok_dir, model_max_length=256)
+
+    def publish(model, name: str) -> str:
+        local = save_model(model, model.cfg, tmp_path / name, tok_dir)
+        uri = storage.join_uri(get_settings().store_uri, "test", tmp_path.name, name, "model")
+        storage.publish_dir(local, uri, meta={"kind": "model"})
+        return uri
+
+    return publish
+
+
+@pytest.fixture
+def task_file(problems, tmp_path):
+    """A user task JSONL of 6 arithmetic problems (numeric verifier)."""
+    import json
+
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p.question, "answer": p.answer, "verifier": "numeric"}) + "\n"
+                            for p in problems[:6]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory) -> Iterator[str]:
+    """One MOEFLOW_HOME (store + MLflow SQLite) for a whole test module: creating MLflow's database costs
+    seconds, so the stage tests of a module share one (each uses its own model names and store paths)."""
+    home = tmp_path_factory.mktemp("module-home")
+    with patched_env(MOEFLOW_HOME=str(home), MOEFLOW_STORE_URI=None):
+        yield str(home)

@@ -5,6 +5,16 @@
 `load_tokenizer` and `load_eval_split` read it back.
 """
 
+from components.dataset.format import (
+    SPECIAL_TOKENS,
+    DatasetFormatError,
+    PackedDataset,
+    load_dataset_meta,
+    load_eval_split,
+    load_tokenizer,
+    task_family,
+)
+
 from .config import (
     DedupConfig,
     EvalSplitConfig,
@@ -18,15 +28,6 @@ from .config import (
     TokenizerConfig,
 )
 from .errors import PrepError
-from .format import (
-    SPECIAL_TOKENS,
-    DatasetFormatError,
-    PackedDataset,
-    load_dataset_meta,
-    load_eval_split,
-    load_tokenizer,
-    task_family,
-)
 from .prep import plot_length_histogram, prepare_dataset, sample_documents
 
 __all__ = [

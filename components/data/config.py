@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from .format import SPECIAL_TOKENS
+from components.common.config import Strict
+from components.dataset.format import SPECIAL_TOKENS
 
 DEFAULT_FAMILIES = ("arithmetic", "countdown", "linear_equation", "list_ops")
 
@@ -29,11 +30,7 @@ def _default_families() -> list[str]:
     return chosen or known_families()[:4]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SourceConfig(_Strict):
+class SourceConfig(Strict):
     """One input: a JSONL, Parquet or plain-text file (optionally gzipped), local or on S3."""
 
     uri: str = Field(
@@ -54,7 +51,7 @@ class SourceConfig(_Strict):
     )
 
 
-class TaskGenConfig(_Strict):
+class TaskGenConfig(Strict):
     """Verifiable reasoning problems from `components.tasks`, written as prompt + worked completion."""
 
     families: list[str] = Field(
@@ -81,13 +78,9 @@ class TaskGenConfig(_Strict):
     @field_validator("families")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        known = known_families()
-        bad = [f for f in v if f not in known]
-        if bad:
-            raise ValueError(f"unknown task families {bad}; choose from {known}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"families are listed twice: {v}")
-        return v
+        from components.tasks import check_families
+
+        return check_families(v)
 
     @field_validator("knobs")
     @classmethod
@@ -125,7 +118,7 @@ class TaskGenConfig(_Strict):
         return self.wrong_fraction_per_family.get(family, self.wrong_fraction)
 
 
-class GenericTextConfig(_Strict):
+class GenericTextConfig(Strict):
     """A small deterministic synthetic English generator: templated sentences over a fixed vocabulary."""
 
     n_docs: int = Field(2000, ge=0, description="generic documents to generate (0 = none)")
@@ -141,7 +134,7 @@ class GenericTextConfig(_Strict):
         return self
 
 
-class GeneratorsConfig(_Strict):
+class GeneratorsConfig(Strict):
     """Built-in corpus generators (no downloads)."""
 
     tasks: TaskGenConfig = Field(default_factory=TaskGenConfig, description="verifiable task problems")
@@ -150,14 +143,14 @@ class GeneratorsConfig(_Strict):
     )
 
 
-class EvalSplitConfig(_Strict):
+class EvalSplitConfig(Strict):
     """Held-out evaluation problems per task family, kept out of the training data."""
 
     n_per_family: int = Field(200, ge=0, description="evaluation problems per family (0 = no eval split)")
     seed: int = Field(1234, description="seed of the evaluation split (independent of the training seed)")
 
 
-class FilterConfig(_Strict):
+class FilterConfig(Strict):
     """Quality filters, applied after NFKC normalisation; each reports what it removed."""
 
     min_chars: int = Field(16, ge=0, description="drop documents shorter than this many characters")
@@ -184,7 +177,7 @@ class FilterConfig(_Strict):
         return self
 
 
-class DedupConfig(_Strict):
+class DedupConfig(Strict):
     """Exact (hash of the normalised text) and near-duplicate (MinHash LSH) removal; the first copy stays."""
 
     exact: bool = Field(True, description="drop documents whose normalised text was already seen")
@@ -201,7 +194,7 @@ class DedupConfig(_Strict):
     ngram: int = Field(5, ge=1, le=64, description="shingle length in units")
 
 
-class TokenizerConfig(_Strict):
+class TokenizerConfig(Strict):
     """Byte-level BPE trained with Hugging Face `tokenizers`; digits are always split one by one."""
 
     vocab_size: int = Field(
@@ -214,7 +207,7 @@ class TokenizerConfig(_Strict):
     min_frequency: int = Field(2, ge=1, description="least count of a pair for it to be merged")
 
 
-class PackingConfig(_Strict):
+class PackingConfig(Strict):
     """Fixed-length rows of `seq_len + 1` tokens (inputs row[:-1], targets row[1:]) in shard files."""
 
     seq_len: int = Field(256, ge=1, description="tokens the model sees per row (rows hold seq_len + 1)")
@@ -223,7 +216,7 @@ class PackingConfig(_Strict):
     )
 
 
-class PrepConfig(_Strict):
+class PrepConfig(Strict):
     """The data-preparation stage: read, generate, normalise, filter, dedup, tokenise, pack, split."""
 
     sources: list[SourceConfig] = Field(

@@ -28,11 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import PrepConfig
-from .dedup import dedup
-from .errors import PrepError
-from .filters import apply_filters, normalize
-from .format import (
+from components.dataset.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     SPECIAL_TOKENS,
@@ -41,6 +37,11 @@ from .format import (
     load_dataset_meta,
     load_tokenizer,
 )
+
+from .config import PrepConfig
+from .dedup import dedup
+from .errors import PrepError
+from .filters import apply_filters, normalize
 from .packing import ShardWriter, encode_documents
 from .sources import expand_source, read_file
 from .tokenizer import save_tokenizer, special_token_ids, train_tokenizer

@@ -13,7 +13,7 @@ from typing import Any
 from components.data.config import PrepConfig
 from components.data.errors import PrepError
 from infra import storage
-from infra.stages import ConfigError, StageContext, StageOutput
+from infra.contract import ConfigError, StageContext, StageOutput
 
 Config = PrepConfig
 
@@ -33,12 +33,12 @@ def _numeric(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def run(cfg: PrepConfig, ctx: StageContext) -> StageOutput:
-    from components.data import prep as pipeline
+    from components.data import prep
 
     out_dir = ctx.workdir / "dataset"
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
-        stats = pipeline.prepare_dataset(cfg, out_dir)
+        stats = prep.prepare_dataset(cfg, out_dir)
     except PrepError as exc:  # bad input: fail fast, publish nothing
         raise ConfigError(str(exc)) from exc
     dataset_uri = storage.join_uri(ctx.output_uri, "dataset")
@@ -48,8 +48,8 @@ def run(cfg: PrepConfig, ctx: StageContext) -> StageOutput:
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.log_dict(stats, "stats.json")
     hist = ctx.workdir / "doc_length_histogram.png"
-    pipeline.plot_length_histogram(stats, hist)
+    prep.plot_length_histogram(stats, hist)
     ctx.tracker.log_artifact(hist, "plots")
-    ctx.tracker.log_dict(pipeline.sample_documents(out_dir), "samples.json")
+    ctx.tracker.log_dict(prep.sample_documents(out_dir), "samples.json")
     headline = {k: v for k, v in metrics.items() if k.startswith(("tokens", "documents", "vocab"))}
     return StageOutput(outputs={"dataset": dataset_uri}, metrics=headline, extra={"stats": stats})

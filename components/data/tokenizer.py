@@ -14,8 +14,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from components.dataset.format import CONTROL_TOKENS, SPECIAL_TOKENS
+
 from .config import TokenizerConfig
-from .format import CONTROL_TOKENS, SPECIAL_TOKENS
 
 # GPT-4 (cl100k) split pattern with `\p{N}{1,3}` replaced by a single `\p{N}`
 SPLIT_PATTERN = (

@@ -1,5 +1,2 @@
-"""Distillation: rejection-sampled traces from a teacher, student SFT with packing, logit distillation."""
-
-from components.distill.sft import DistillLossConfig, SFTConfig, completion_loss, sft_train
-
-__all__ = ["DistillLossConfig", "SFTConfig", "completion_loss", "sft_train"]
+"""The distill stage: rejection-sampled traces from a teacher, then student SFT and logit distillation on the
+shared SFT machinery (`components.sft`)."""

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from components.distill.sft import DistillLossConfig, SFTConfig
+from components.common.config import CheckpointConfig, Strict, resolve_model
 from components.model.config import ModelConfig
-from components.training.config import CheckpointConfig, resolve_model
+from components.sft.sft import DistillLossConfig, SFTConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TracesConfig(_Strict):
+class TracesConfig(Strict):
     """Rejection sampling: the teacher answers training prompts; verified-correct, distinct answers are kept."""
 
     families: list[str] | None = Field(
@@ -31,7 +27,7 @@ class TracesConfig(_Strict):
     seed: int = Field(0, description="seed of the prompts and the samples")
 
 
-class StudentConfig(_Strict):
+class StudentConfig(Strict):
     """The smaller model: dense (first_k_dense_replace >= num_hidden_layers) or a smaller MoE."""
 
     model: ModelConfig = Field(
@@ -50,7 +46,7 @@ class StudentConfig(_Strict):
         return resolve_model(v)
 
 
-class DistillConfig(_Strict):
+class DistillConfig(Strict):
     """Distil a teacher (an RL checkpoint or any release) into a student: traces, SFT, logit distillation."""
 
     teacher: str | None = Field(

@@ -23,14 +23,15 @@ from typing import Any
 
 from components.distill.config import DistillConfig
 from infra import storage
-from infra.stages import ConfigError, StageContext, StageOutput
+from infra.contract import ConfigError, StageContext, StageOutput
 
 Config = DistillConfig
 log = logging.getLogger("moeflow.distill")
 
 
 def input_uris(cfg: DistillConfig) -> dict[str, str]:
-    from components.eval.models import lineage_dataset, resolve_model_ref
+    from components.refs.lineage import lineage_dataset
+    from components.refs.models import resolve_model_ref
 
     if not cfg.teacher:
         raise ConfigError("distill.teacher: no teacher given; set it to a model URI (the `checkpoint`/`model` "
@@ -49,7 +50,7 @@ def input_uris(cfg: DistillConfig) -> dict[str, str]:
 
 
 def _families(cfg: DistillConfig, dataset_dir) -> list[str]:
-    from components.data.format import load_dataset_meta
+    from components.dataset.format import load_dataset_meta
     from components.tasks import FAMILIES
 
     if cfg.traces.families is not None:
@@ -68,9 +69,11 @@ def make_traces(cfg: DistillConfig, ctx: StageContext, inputs: dict[str, str], t
                 ) -> tuple[list[dict], dict[str, Any], str]:
     """(traces, stats, traces URI): reused from `traces_uri` or an earlier try of this job, else sampled
     from the teacher and published at `<output>/traces/`."""
-    from components.distill.traces import collect_traces, eval_problem_ids, training_prompts
-    from components.eval.models import local_dir
-    from components.rl.rejection import STATS_FILE, load_traces, publish_traces
+    from components.dataset.format import eval_problem_ids
+    from components.distill.traces import collect_traces, training_prompts
+    from components.refs.models import local_dir
+    from components.sft.traces import STATS_FILE, load_traces, publish_traces
+    from components.tasks import local_task_file
 
     def stats_of(uri: str) -> dict[str, Any]:
         path = storage.join_uri(uri, STATS_FILE)
@@ -83,18 +86,12 @@ def make_traces(cfg: DistillConfig, ctx: StageContext, inputs: dict[str, str], t
         log.info("traces already published at %s (earlier try): reusing them", uri)
         return load_traces(uri), stats_of(uri), uri
     dataset_dir = local_dir(inputs["dataset"]) if "dataset" in inputs else None
-    task_paths = []
-    for i, f in enumerate(cfg.traces.task_files):
-        path = ctx.workdir / f"tasks{i}.jsonl"
-        if storage.is_remote(f):
-            storage.get_file(f, path)
-        else:
-            shutil.copyfile(f.removeprefix("file://"), path)
-        task_paths.append(path)
+    task_paths = [local_task_file(f, ctx.workdir / f"tasks{i}.jsonl", field=f"distill.traces.task_files[{i}]")
+                  for i, f in enumerate(cfg.traces.task_files)]
     exclude = eval_problem_ids(dataset_dir)
     families: list[Any] = _families(cfg, dataset_dir)
     if dataset_dir is not None:  # draw problems with the knobs the dataset's held-out split was drawn with
-        from components.data.format import task_family
+        from components.dataset.format import task_family
 
         families = [task_family(dataset_dir, f) for f in families]
     problems = training_prompts(cfg.traces, families=families, exclude_ids=exclude, task_files=task_paths)
@@ -116,8 +113,8 @@ def build_student(cfg: DistillConfig, inputs: dict[str, str], teacher_cfg) -> tu
     vocabulary and special ids."""
     import torch
 
-    from components.eval.models import load_model_ref
     from components.model import ModelConfig, Transformer, model_info
+    from components.refs.models import load_model_ref
 
     if "student_init" in inputs:
         model = load_model_ref(inputs["student_init"]).model
@@ -145,13 +142,11 @@ def build_student(cfg: DistillConfig, inputs: dict[str, str], teacher_cfg) -> tu
 
 def corpus_rows(cfg: DistillConfig, inputs: dict[str, str], teacher) -> Any:
     """(N, sft.seq_len + 1) int64 rows of the dataset's train split to mix into every batch, or None."""
-    import hashlib
-
     import numpy as np
     import torch
 
-    from components.data.format import PackedDataset
-    from components.eval.models import local_dir
+    from components.dataset.format import PackedDataset, same_tokenizer
+    from components.refs.models import local_dir
 
     if not cfg.sft.mix_rows_per_batch:
         return None
@@ -160,10 +155,7 @@ def corpus_rows(cfg: DistillConfig, inputs: dict[str, str], teacher) -> Any:
                           "lineage names none)")
     ds_dir = local_dir(inputs["dataset"])
 
-    def sha(path) -> str | None:
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-    if sha(ds_dir / "tokenizer.json") != sha(teacher.tokenizer_file):
+    if not same_tokenizer(ds_dir, teacher.tokenizer_file):
         raise ConfigError("distill.sft.mix_rows_per_batch: the dataset's tokenizer is not the teacher's; "
                           "mix only text tokenised for the teacher (or set mix_rows_per_batch to 0)")
     ds = PackedDataset(ds_dir, "train")
@@ -182,7 +174,7 @@ class Checkpoints:
         self.cfg, self.ctx, self.model_cfg = cfg, ctx, model_cfg
 
     def resume_state(self) -> dict[str, Any] | None:
-        from components.training import checkpoint as ckpt
+        from components.refs import checkpoint as ckpt
 
         if not self.cfg.checkpoint.resume:
             return None
@@ -197,7 +189,7 @@ class Checkpoints:
                 "scheduler": files["trainer"]["scheduler"]}
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        from components.training import checkpoint as ckpt
+        from components.refs import checkpoint as ckpt
 
         local = self.ctx.workdir / "checkpoint-staging" / ckpt.step_name(step)
         ckpt.write_checkpoint(local, model_state=state["model"], optimizer_state=state["optimizer"],
@@ -211,16 +203,16 @@ class Checkpoints:
 def run(cfg: DistillConfig, ctx: StageContext) -> StageOutput:
     import torch
 
-    from components.distill.sft import completion_loss, sft_train
     from components.distill.traces import split_traces
-    from components.eval.models import load_model_ref
     from components.model import model_info
-    from components.training import checkpoint as ckpt
+    from components.refs import checkpoint as ckpt
+    from components.refs.models import load_model_ref
+    from components.sft.sft import completion_loss, sft_train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    inputs = {name: v["uri"] for name, v in ctx.lineage["inputs"].items()}
+    inputs = ctx.inputs
     teacher = load_model_ref(inputs["teacher"])
     traces, trace_stats, traces_uri = make_traces(cfg, ctx, inputs, teacher)
     train, val = split_traces(traces, cfg.traces.val_fraction)
@@ -270,4 +262,5 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageOutput:
     storage.publish_dir(local, student_uri, meta={"kind": "model", "lineage": ctx.lineage}, overwrite=True)
     shutil.rmtree(local, ignore_errors=True)
     log.info("student published at %s", student_uri)
-    return StageOutput(outputs={"traces": traces_uri, "student": student_uri}, metrics=metrics)
+    return StageOutput(outputs={"traces": traces_uri, "student": student_uri}, metrics=metrics,
+                       extra={"trace_stats": trace_stats})

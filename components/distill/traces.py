@@ -2,7 +2,7 @@
 
 Prompts are fresh problems of the task families (drawn with the traces seed, excluding every problem of
 the dataset's held-out evaluation splits) plus user JSONL tasks. The teacher samples ``n_samples``
-answers per prompt; ``components.rl.rejection.rejection_sample`` keeps the verified-correct ones,
+answers per prompt; ``components.sft.traces.rejection_sample`` keeps the verified-correct ones,
 deduplicated, and ``publish_traces`` publishes them as an SFT dataset (``traces.jsonl`` + ``stats.json``;
 the format RL's cold start reads too). The student trains on the traces of most prompts; a fixed
 fraction of prompts, chosen by a hash of the problem id (stable across runs and seeds), is held out to
@@ -17,18 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from components.distill.config import TracesConfig
-
-
-def eval_problem_ids(dataset_dir: Path | None) -> set[str]:
-    """Ids of every held-out evaluation problem of a prepared dataset (empty without one)."""
-    if dataset_dir is None:
-        return set()
-    from components.data.format import load_dataset_meta, load_eval_split
-
-    ids: set[str] = set()
-    for family in load_dataset_meta(dataset_dir).get("eval", {}):
-        ids.update(p["id"] for p in load_eval_split(dataset_dir, family))
-    return ids
 
 
 def training_prompts(cfg: TracesConfig, *, families: Sequence[Any], exclude_ids: set[str],
@@ -61,7 +49,7 @@ def split_traces(traces: Sequence[dict[str, Any]], val_fraction: float) -> tuple
 def collect_traces(teacher: Any, tokenizer: Any, problems: list[Any], cfg: TracesConfig
                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(traces, stats): the teacher's verified, distinct answers (see the module docstring)."""
-    from components.rl.rejection import rejection_sample
+    from components.sft.traces import rejection_sample
 
     return rejection_sample(teacher, tokenizer, problems, n_samples=cfg.n_samples, temperature=cfg.temperature,
                             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,

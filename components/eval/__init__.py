@@ -1,10 +1,2 @@
-"""Evaluation; `pass_at_k`, `maj_at_k` and `mean_stderr` are the metrics every report uses.
-
-Sampling evaluation and validation loss: ``from components.eval.evaluate import evaluate, validation_loss``
-(not re-exported here: the function `evaluate` would clash with its module's name, and the module
-imports torch, which the metrics alone do not need).
-"""
-
-from components.eval.metrics import maj_at_k, mean_stderr, pass_at_k
-
-__all__ = ["maj_at_k", "mean_stderr", "pass_at_k"]
+"""The eval stage: several models side by side on one suite (report, comparison figure, champion history).
+The scoring itself (pass@k, greedy accuracy, validation loss) is `components.scoring`."""

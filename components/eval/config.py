@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from components.common.config import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelRef(_Strict):
+class ModelRef(Strict):
     """One model to evaluate."""
 
     uri: str = Field(description="a model/checkpoint URI, a stage output, a release URI, or models:/NAME@ALIAS")
@@ -27,7 +25,7 @@ class ModelRef(_Strict):
         return parts[-1] if parts else f"model{index}"
 
 
-class SuiteConfig(_Strict):
+class SuiteConfig(Strict):
     """The problems: held-out splits of a prepared dataset's task families, and user JSONL task files."""
 
     dataset: str | None = Field(
@@ -39,7 +37,7 @@ class SuiteConfig(_Strict):
     max_per_file: int | None = Field(None, ge=1, description="first N problems of each task file (null: all)")
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(Strict):
     """How completions are drawn (DeepSeek-R1's evaluation protocol by default)."""
 
     n_samples: int = Field(4, ge=1, description="samples per problem (pass@1 is averaged over them)")
@@ -59,7 +57,7 @@ class SamplingConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     """Evaluate one or more models on the same problems and compare them in one table."""
 
     models: list[ModelRef] = Field(min_length=1, description="models to evaluate, in report order")

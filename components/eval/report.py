@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 QUALITY = ("pass@1", "greedy_accuracy", "format_rate", "mean_response_tokens")
-
-
-def metric_key(name: str) -> str:
-    """A name MLflow accepts (letters, digits, _ - . / space): 'pass@4' -> 'pass_at_4'."""
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name.replace("@", "_at_"))
 
 
 def _pm(row: dict[str, Any], name: str, digits: int = 3) -> str:

@@ -1,7 +1,7 @@
 """The `eval` stage: models by reference in, one comparison report out (`<output>/report/`).
 
 Runs inside `moeflow-job eval`. Every model is evaluated on the same problems with the same seeds (see
-`components.eval.evaluate`), its validation loss is taken on the dataset's val split when it shares the
+`components.scoring.evaluate`), its validation loss is taken on the dataset's val split when it shares the
 dataset's tokenizer, and its efficiency (parameters, FLOPs per token, device-hours and cost of its
 lineage) sits beside its quality. Published: `report.json` (rows, per-family metrics, settings),
 `report.md` (the table), `samples/<model>.jsonl` (the first `keep_samples` sample records per model).
@@ -11,7 +11,6 @@ covers the model version that is actually evaluated.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -21,14 +20,15 @@ from typing import Any
 
 from components.eval.config import EvalConfig
 from infra import storage
-from infra.stages import ConfigError, StageContext, StageOutput
+from infra.contract import ConfigError, StageContext, StageOutput
 
 Config = EvalConfig
 log = logging.getLogger("moeflow.eval")
 
 
 def input_uris(cfg: EvalConfig) -> dict[str, str]:
-    from components.eval.models import lineage_dataset, resolve_model_ref
+    from components.refs.lineage import lineage_dataset
+    from components.refs.models import resolve_model_ref
 
     uris = {f"model{i}": resolve_model_ref(m.uri) for i, m in enumerate(cfg.models)}
     dataset = cfg.suite.dataset or lineage_dataset(uris["model0"])
@@ -44,9 +44,9 @@ def input_uris(cfg: EvalConfig) -> dict[str, str]:
 
 def load_suite(cfg: EvalConfig, inputs: dict[str, str], workdir: Path) -> tuple[list[Any], dict[str, int]]:
     """The problems (dataset held-out splits, then task files) and how many came from each source."""
-    from components.data.format import DatasetFormatError, load_dataset_meta, load_eval_split
-    from components.eval.models import local_dir
-    from components.tasks import Problem, TaskFileError, load_task_file
+    from components.dataset.format import DatasetFormatError, load_dataset_meta, load_eval_split
+    from components.refs.models import local_dir
+    from components.tasks import Problem, TaskFileError, load_task_file, local_task_file
 
     problems: list[Problem] = []
     by_source: dict[str, int] = {}
@@ -62,12 +62,7 @@ def load_suite(cfg: EvalConfig, inputs: dict[str, str], workdir: Path) -> tuple[
         except DatasetFormatError as exc:
             raise ConfigError(f"eval.suite.dataset: {exc}") from None
     for i, uri in enumerate(cfg.suite.task_files):
-        path = Path(uri.removeprefix("file://"))
-        if storage.is_remote(uri):
-            path = workdir / f"tasks{i}.jsonl"
-            storage.get_file(uri, path)
-        if not path.is_file():
-            raise ConfigError(f"eval.suite.task_files[{i}]: {uri} does not exist")
+        path = local_task_file(uri, workdir / f"tasks{i}.jsonl", field=f"eval.suite.task_files[{i}]")
         try:
             rows = load_task_file(path)[: cfg.suite.max_per_file]
         except TaskFileError as exc:
@@ -79,16 +74,14 @@ def load_suite(cfg: EvalConfig, inputs: dict[str, str], workdir: Path) -> tuple[
     return problems, by_source
 
 
-def _sha(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
 def evaluate_model(cfg: EvalConfig, name: str, uri: str, problems: list[Any], dataset_dir: Path | None
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One report row (and the sample records) for the model at ``uri``."""
-    from components.eval.evaluate import evaluate, validation_loss
-    from components.eval.models import lineage_cost, load_model_ref
+    from components.dataset.format import same_tokenizer
     from components.model import model_info
+    from components.refs.lineage import lineage_cost
+    from components.refs.models import load_model_ref
+    from components.scoring.evaluate import evaluate, validation_loss
 
     t0 = time.time()
     lm = load_model_ref(uri)
@@ -98,7 +91,7 @@ def evaluate_model(cfg: EvalConfig, name: str, uri: str, problems: list[Any], da
                    greedy=s.greedy, batch_size=s.batch_size)
     val = None
     if cfg.val_loss and dataset_dir is not None:
-        if _sha(dataset_dir / "tokenizer.json") == _sha(lm.tokenizer_file):
+        if same_tokenizer(dataset_dir, lm.tokenizer_file):
             val = validation_loss(lm.model, dataset_dir, "val", max_rows=cfg.val_max_rows)
         else:
             log.info("%s: tokenizer differs from the dataset's; no validation loss", name)
@@ -129,12 +122,13 @@ def evaluate_model(cfg: EvalConfig, name: str, uri: str, problems: list[Any], da
 def run(cfg: EvalConfig, ctx: StageContext) -> StageOutput:
     import torch
 
-    from components.eval.models import local_dir
-    from components.eval.report import comparison_figure, markdown_report, metric_key
+    from components.eval.report import comparison_figure, markdown_report
+    from components.refs.models import local_dir
+    from infra.tracking import metric_key
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    inputs = {name: v["uri"] for name, v in ctx.lineage["inputs"].items()}
+    inputs = ctx.inputs
     problems, by_source = load_suite(cfg, inputs, ctx.workdir)
     dataset_dir = local_dir(inputs["dataset"]) if "dataset" in inputs else None
     log.info("suite: %d problems %s", len(problems), by_source)
@@ -173,4 +167,4 @@ def run(cfg: EvalConfig, ctx: StageContext) -> StageOutput:
     ctx.tracker.log_dict(report, "report.json")
     ctx.tracker.log_text(markdown, "report.md")
     ctx.tracker.log_figure(comparison_figure(rows), "plots/comparison.png")
-    return StageOutput(outputs={"report": report_uri}, metrics=metrics)
+    return StageOutput(outputs={"report": report_uri}, metrics=metrics, extra={"report": report})

@@ -1,6 +1,6 @@
 """Build a release directory and publish it.
 
-Layout (``../shared/ARCHITECTURE.md``): ``config.json``, ``generation_config.json``, ``model.safetensors``
+Layout (docs/architecture.md, "Contracts"): ``config.json``, ``generation_config.json``, ``model.safetensors``
 (or shards + ``model.safetensors.index.json``), ``tokenizer.json`` + ``tokenizer_config.json``,
 ``README.md`` (model card), ``LICENSE`` (MIT) and ``SHA256SUMS`` (``sha256sum -c`` format, every other
 file, written last). Publishing adds ``MANIFEST.json`` (every file's SHA-256 and size) after all of them,
@@ -19,7 +19,7 @@ import torch
 from components.model import load_pretrained, model_info
 from components.model.hf import export_hf
 from infra import storage
-from infra.stages import ConfigError
+from infra.contract import ConfigError
 
 from .card import ReleaseCard, license_text, render_card
 from .verify import SUMS_NAME, probe_inputs, sha256sums_text

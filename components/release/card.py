@@ -187,7 +187,7 @@ def _gate(gate: dict[str, Any] | None, name: str) -> list[str]:
                f"{', '.join(compare) or 'nothing'}" + (f" (tolerance {gate['tolerance']:g})" if gate.get("tolerance")
                                                       else "") + ".")
     if champion:
-        from .config import metric_key
+        from infra.tracking import metric_key
 
         cm = {metric_key(k): v for k, v in (champion.get("metrics") or {}).items()}
         shown = ", ".join(f"{k} {_num(cm[k])}" for k in sorted(gate.get("compare") or {}) if k in cm)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from components.common.config import Strict
+from infra.tracking import metric_key
 
 DEFAULT_INTENDED_USE = (
     "Research on training DeepSeek-style models end to end: studying sparse Mixture-of-Experts pretraining, "
@@ -23,12 +25,6 @@ DEFAULT_LIMITATIONS = [
 ]
 
 
-def metric_key(name: str) -> str:
-    """The form of a metric name used in configs, tags and MLflow: 'pass@1' -> 'pass_at_1' (MLflow names
-    allow letters, digits and _ - . / space only)."""
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", str(name).replace("@", "_at_"))
-
-
 def _metric_keys(d: Any) -> Any:
     if not isinstance(d, dict):
         return d
@@ -41,11 +37,7 @@ def _metric_keys(d: Any) -> Any:
     return out
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LicenseConfig(_Strict):
+class LicenseConfig(Strict):
     """The MIT license of the weights."""
 
     holder: str = Field("The moeflow authors", min_length=1, description="copyright holder in LICENSE")
@@ -63,7 +55,7 @@ class LicenseConfig(_Strict):
         return self.year if self.year is not None else dt.datetime.now(dt.UTC).year
 
 
-class GateConfig(_Strict):
+class GateConfig(Strict):
     """When a release becomes the `champion`: every threshold holds and it is not worse than the champion.
 
     Metric names are those of the evaluation report (`pass@1`, `pass@4`, `maj@4`, `greedy_accuracy`,
@@ -87,7 +79,7 @@ class GateConfig(_Strict):
         return _metric_keys(v)
 
 
-class ReleaseConfig(_Strict):
+class ReleaseConfig(Strict):
     """Package a trained model as an MIT release (HF `DeepseekV3ForCausalLM` layout, model card, SHA256SUMS),
     publish it, register it in the MLflow Model Registry as `candidate`, and promote it to `champion` when
     the evaluation gate passes."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import GateConfig, metric_key
+from infra.tracking import metric_key
+
+from .config import GateConfig
 
 
 def _num(x: Any) -> float | None:

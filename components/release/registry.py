@@ -1,6 +1,6 @@
 """The MLflow Model Registry side of a release.
 
-Contract (``components.eval.models.resolve_model_ref`` relies on it): every model version moeflow
+Contract (``components.refs.models.resolve_model_ref`` relies on it): every model version moeflow
 registers carries the tags
 - ``moeflow.model_uri``: the release directory's URI (local path or ``s3://``),
 - ``moeflow.release_sha256``: the digest of the release's ``MANIFEST.json`` (``Manifest.digest()``),

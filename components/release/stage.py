@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from infra import storage
-from infra.stages import RESULT_NAME, ConfigError, StageContext, StageOutput
+from infra.contract import RESULT_NAME, ConfigError, StageContext, StageOutput
+from infra.tracking import metric_key
 
 from . import registry
-from .config import ReleaseConfig, metric_key
+from .config import ReleaseConfig
 
 Config = ReleaseConfig
 log = logging.getLogger("moeflow.release")
@@ -49,7 +50,7 @@ def _report_input(uri: str) -> str:
 
 
 def input_uris(cfg: ReleaseConfig) -> dict[str, str]:
-    from components.eval.models import resolve_model_ref
+    from components.refs.models import resolve_model_ref
 
     if not cfg.model:
         raise ConfigError("release.model: no model given; set it to the model to release, e.g. --set "
@@ -62,9 +63,9 @@ def input_uris(cfg: ReleaseConfig) -> dict[str, str]:
 
 def load_source_model(uri: str) -> tuple[Any, Path]:
     """(model in eval mode, local directory holding its files) for a published model or release."""
-    from components.eval.models import local_dir
     from components.model import load_pretrained
-    from components.training.checkpoint import load_model
+    from components.refs.checkpoint import load_model
+    from components.refs.models import local_dir
 
     path = local_dir(uri)
     cfg_file = path / "config.json"
@@ -80,13 +81,15 @@ def load_source_model(uri: str) -> tuple[Any, Path]:
 
 
 def run(cfg: ReleaseConfig, ctx: StageContext) -> StageOutput:
+    from components.refs.lineage import lineage_chain, norm_uri
+
     from .build import build_release, publish_release
     from .card import ReleaseCard
+    from .evidence import efficiency_ledger, load_evaluation
     from .gate import evaluate_gate
-    from .lineage import efficiency_ledger, lineage_chain, load_evaluation, norm_uri
     from .verify import verify_release
 
-    inputs = {name: v["uri"] for name, v in ctx.lineage["inputs"].items()}
+    inputs = ctx.inputs
     model_uri = inputs["model"]
     model, model_dir = load_source_model(model_uri)
     evaluation = load_evaluation(inputs.get("eval_report"), model_uris=[model_uri, cfg.model or ""],
@@ -178,4 +181,7 @@ def run(cfg: ReleaseConfig, ctx: StageContext) -> StageOutput:
     ctx.tracker.log_dict(ledger, "efficiency_ledger.json")
     ctx.tracker.log_dict(chain, "lineage.json")
     return StageOutput(outputs={"release": release_uri}, metrics=metrics,
-                       extra={"gate": gate, "version": version, "release_sha256": digest})
+                       extra={"gate": gate, "release_sha256": digest, "name": cfg.name,
+                              "version": None if version is None else int(version),
+                              "champion_version": None if champion is None else int(champion["version"]),
+                              "evaluation": evaluation["metrics"]})

@@ -1,6 +1,6 @@
 """`RLConfig`: the RL stage's typed config (a form in the Prefect UI), nested per concern.
 
-Two pipelines (DeepSeek-R1):
+Two recipes (DeepSeek-R1):
 - ``r1_zero``: GRPO straight from the pretrained base, rewarded for verified answers and the format;
 - ``r1``: a cold-start SFT on a small set of formatted, verified-correct traces first, then GRPO.
 Optionally, rejection sampling at the end turns the policy's verified-correct completions into an SFT
@@ -13,15 +13,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from components.distill.sft import SFTConfig
+from components.common.config import CheckpointConfig, OptimConfig, ScheduleConfig, Strict
 from components.rl.rewards import RewardConfig
-from components.training.config import CheckpointConfig, OptimConfig, ScheduleConfig
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from components.sft.sft import SFTConfig
 
 
 def _known_families() -> list[str]:
@@ -30,7 +26,7 @@ def _known_families() -> list[str]:
     return sorted(FAMILIES)
 
 
-class TasksConfig(_Strict):
+class TasksConfig(Strict):
     """The RL prompts: fresh problems of built-in task families, disjoint from the held-out eval split."""
 
     families: list[str] = Field(default_factory=lambda: ["arithmetic"], description="task families to train on")
@@ -43,15 +39,9 @@ class TasksConfig(_Strict):
     @field_validator("families")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        known = _known_families()
-        bad = [f for f in v if f not in known]
-        if bad:
-            raise ValueError(f"unknown task families {bad}; choose from {known}")
-        if not v:
-            raise ValueError("at least one task family is needed")
-        if len(set(v)) != len(v):
-            raise ValueError(f"families are listed twice: {v}")
-        return v
+        from components.tasks import check_families
+
+        return check_families(v, allow_empty=False)
 
     @model_validator(mode="after")
     def _knobs(self) -> TasksConfig:
@@ -71,7 +61,7 @@ class TasksConfig(_Strict):
         return get_family(name, **self.knobs.get(name, {}))
 
 
-class GRPOConfig(_Strict):
+class GRPOConfig(Strict):
     """Group Relative Policy Optimization (DeepSeekMath), with the Dr. GRPO and DAPO variants."""
 
     steps: int = Field(60, ge=1, description="rollout batches (each followed by `mu` updates)")
@@ -109,7 +99,7 @@ class GRPOConfig(_Strict):
         return self
 
 
-class ColdStartConfig(_Strict):
+class ColdStartConfig(Strict):
     """R1's cold start: SFT on a small set of formatted, verified-correct traces before RL."""
 
     n_examples: int = Field(200, ge=0, description="traces made from the families' worked correct solutions")
@@ -120,12 +110,12 @@ class ColdStartConfig(_Strict):
         default_factory=lambda: SFTConfig(seq_len=128, batch_size=8, epochs=1.0,
                                           optim=OptimConfig(lr=5e-4, weight_decay=0.0),
                                           schedule=ScheduleConfig(kind="constant", warmup_steps=2)),
-        description="SFT optimisation (components.distill.sft)")
+        description="SFT optimisation (components.sft.sft)")
     seed: int = Field(11, description="seed of the generated traces")
 
 
-class HeldOutConfig(_Strict):
-    """Held-out pass@1 on the dataset's `eval/<family>.jsonl` (components.eval.evaluate)."""
+class HeldOutConfig(Strict):
+    """Held-out pass@1 on the dataset's `eval/<family>.jsonl` (components.scoring.evaluate)."""
 
     family: str = Field("arithmetic", description="held-out family reported as accuracy_start/end")
     n_problems: int = Field(200, ge=1, description="first N problems of the held-out split")
@@ -138,14 +128,14 @@ class HeldOutConfig(_Strict):
     seed: int = Field(0, description="seed of the evaluation samples (same at every evaluation)")
 
 
-class SamplesConfig(_Strict):
+class SamplesConfig(Strict):
     """Tables of sample completions (MLflow artifacts; the flow publishes them as a Prefect table)."""
 
     every: int = Field(20, ge=1, description="record sample completions every N steps (and at the last)")
     n: int = Field(4, ge=1, description="completions recorded per interval (one per prompt)")
 
 
-class RejectionConfig(_Strict):
+class RejectionConfig(Strict):
     """Rejection sampling after RL: verified-correct, deduplicated completions become an SFT dataset."""
 
     enabled: bool = Field(False, description="publish `<output>/traces/` (an SFT dataset) after RL")
@@ -156,7 +146,7 @@ class RejectionConfig(_Strict):
     seed: int = Field(23, description="seed of the problems and the samples")
 
 
-class RLConfig(_Strict):
+class RLConfig(Strict):
     """The RL stage: a pretrained model in, a GRPO-trained policy (and optionally traces) out."""
 
     model: str | None = Field(
@@ -164,8 +154,10 @@ class RLConfig(_Strict):
     dataset: str | None = Field(
         None, description="prepared dataset URI whose eval split gives held-out accuracy (null: the dataset in "
         "the model's lineage)")
-    pipeline: Literal["r1_zero", "r1"] = Field(
-        "r1_zero", description="r1_zero: RL from the base; r1: cold-start SFT, then RL")
+    recipe: Literal["r1_zero", "r1"] = Field(
+        "r1_zero", validation_alias=AliasChoices("recipe", "pipeline"),
+        description="r1_zero: RL from the base; r1: cold-start SFT, then RL (DeepSeek-R1's two recipes; "
+        "`pipeline`, its former name, is still read)")
     tasks: TasksConfig = Field(default_factory=TasksConfig, description="RL prompts")
     rewards: RewardConfig = Field(
         default_factory=lambda: RewardConfig(max_completion_len=64, overlong_cache_len=16),

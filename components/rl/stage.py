@@ -1,6 +1,6 @@
 """The `rl` stage: a pretrained model in, a GRPO-trained policy out (`<output>/model/`, `<output>/report/`).
 
-Runs inside `moeflow-job rl` (one process). See `components.rl.pipeline` for what it does and publishes;
+Runs inside `moeflow-job rl` (one process). See `components.rl.runner` for what it does and publishes;
 `components.rl.config.RLConfig` for the config. Outputs: `checkpoint` (the policy, a model directory),
 `report` (summary, per-step history, sample completions, reward-curve PNG), `cold_start` (r1) and `traces`
 (with rejection sampling).
@@ -9,7 +9,7 @@ Runs inside `moeflow-job rl` (one process). See `components.rl.pipeline` for wha
 from __future__ import annotations
 
 from components.rl.config import RLConfig
-from infra.stages import ConfigError, StageContext, StageOutput
+from infra.contract import ConfigError, StageContext, StageOutput
 
 Config = RLConfig
 
@@ -22,7 +22,7 @@ def input_uris(cfg: RLConfig) -> dict[str, str]:
         )
     dataset = cfg.dataset
     if not dataset:
-        from components.eval.models import lineage_dataset
+        from components.refs.lineage import lineage_dataset
 
         dataset = lineage_dataset(cfg.model)
         if not dataset:
@@ -31,15 +31,15 @@ def input_uris(cfg: RLConfig) -> dict[str, str]:
                 "dataset URI that `moeflow prep` printed"
             )
     uris = {"model": cfg.model, "dataset": dataset}
-    if cfg.cold_start.traces and cfg.pipeline == "r1":
+    if cfg.cold_start.traces and cfg.recipe == "r1":
         uris["cold_start_traces"] = cfg.cold_start.traces
     return uris
 
 
 def run(cfg: RLConfig, ctx: StageContext) -> StageOutput:
-    from components.rl.pipeline import RLRun
+    from components.rl.runner import RLRun
 
     if ctx.world_size != 1:
         raise ConfigError(f"the rl stage runs as one process; the job has {ctx.world_size}")
-    inputs = {name: uri for name, uri in ctx.lineage["inputs"].items()}
+    inputs = ctx.inputs
     return RLRun(cfg, ctx, {name: v["uri"] for name, v in inputs.items()}).run()

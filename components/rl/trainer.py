@@ -40,8 +40,9 @@ from typing import Any
 import torch
 
 import kernels
-from components.distill.sft import TrainingDiverged, make_optimizer
+from components.common.schedule import build_scheduler
 from components.model.generate import GenerationResult, generate
+from components.model.tokens import encode_prompts, token_id
 from components.rl.config import GRPOConfig, SamplesConfig
 from components.rl.grpo import (
     aggregation_denominator,
@@ -51,8 +52,9 @@ from components.rl.grpo import (
     mask_truncated,
 )
 from components.rl.rewards import RewardBatch, RewardConfig, compute_rewards
+from components.sft.sft import make_optimizer
 from components.tasks import Problem, extract_answer
-from components.training.schedule import build_scheduler
+from infra.contract import TrainingDiverged
 
 log = logging.getLogger("moeflow.rl")
 
@@ -84,21 +86,6 @@ class PromptStream:
     def take(self, cursor: int, k: int) -> list[int]:
         """Pool indices of stream positions cursor .. cursor + k - 1."""
         return [self._order(pos // self.n)[pos % self.n] for pos in range(cursor, cursor + k)]
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], bos_id: int | None) -> list[list[int]]:
-    """`[bos] + prompt tokens`: the form prompts have in pretraining rows, SFT and evaluation."""
-    from components.distill.sft import encode_texts
-
-    head = [] if bos_id is None else [bos_id]
-    return [head + ids for ids in encode_texts(tokenizer, prompts)]
-
-
-def token_id(tokenizer: Any, text: str) -> int | None:
-    """Id of a single-token string (e.g. "</answer>"), None when the tokenizer has no such token."""
-    fn = getattr(tokenizer, "token_to_id", None) or getattr(tokenizer, "convert_tokens_to_ids", None)
-    tid = fn(text) if fn else None
-    return tid if isinstance(tid, int) and tid >= 0 else None
 
 
 def warm_rope(model: torch.nn.Module) -> None:

@@ -13,9 +13,9 @@ from components.tasks.problem import (
     format_prompt,
     problem_id,
 )
-from components.tasks.registry import FAMILIES, get_family, make_split
+from components.tasks.registry import FAMILIES, check_families, get_family, make_split
 from components.tasks.sandbox import SandboxOutcome, SandboxPool, default_sandbox
-from components.tasks.user_tasks import TaskFileError, load_task_file
+from components.tasks.user_tasks import TaskFileError, load_task_file, local_task_file
 from components.tasks.verifiers import (
     DEFAULT_TIMEOUT_S,
     VERIFIERS,
@@ -47,8 +47,10 @@ __all__ = [
     "extract_answer",
     "format_completion",
     "format_prompt",
+    "check_families",
     "get_family",
     "load_task_file",
+    "local_task_file",
     "make_split",
     "problem_id",
     "register_verifier",

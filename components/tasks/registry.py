@@ -13,6 +13,19 @@ FAMILIES: dict[str, type[TaskFamily]] = {
 }
 
 
+def check_families(names: list[str], *, allow_empty: bool = True) -> list[str]:
+    """`names` if each is a known family, listed once (a config validator's check); else a ValueError."""
+    known = sorted(FAMILIES)
+    bad = [f for f in names if f not in known]
+    if bad:
+        raise ValueError(f"unknown task families {bad}; choose from {known}")
+    if not names and not allow_empty:
+        raise ValueError("at least one task family is needed")
+    if len(set(names)) != len(names):
+        raise ValueError(f"families are listed twice: {names}")
+    return names
+
+
 def get_family(name: str, **knobs: object) -> TaskFamily:
     """The family called `name`, with difficulty knobs (validated; unknown knobs are an error)."""
     try:

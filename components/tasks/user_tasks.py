@@ -106,3 +106,18 @@ def load_task_file(path: str | Path) -> list[Problem]:
     if not problems:
         raise TaskFileError(f"{path}: no tasks in file")
     return problems
+
+
+def local_task_file(uri: str, dest: Path, *, field: str) -> Path:
+    """A local path to a user task file: downloaded to `dest` when `uri` is remote, else used in place.
+    A missing file is a ConfigError naming the config `field`."""
+    from infra import storage
+    from infra.contract import ConfigError
+
+    if storage.is_remote(uri):
+        storage.get_file(uri, dest)
+        return dest
+    path = Path(uri.removeprefix("file://"))
+    if not path.is_file():
+        raise ConfigError(f"{field}: {uri} does not exist")
+    return path

@@ -13,87 +13,23 @@ when the world size is known).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from components.common.config import CheckpointConfig, OptimConfig, ScheduleConfig, Strict, resolve_model
 from components.model.config import ModelConfig
-from infra.jobs import Resources
-
-MODEL_PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+from infra.contract import Resources
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def resolve_model(data: Any) -> Any:
-    """Expand `{preset: NAME | PATH, **overrides}` into a full model-config dict (other input unchanged)."""
-    if not isinstance(data, dict) or "preset" not in data:
-        return data
-    data = dict(data)
-    name = str(data.pop("preset"))
-    path = Path(name)
-    if not path.suffix:
-        path = MODEL_PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in MODEL_PRESETS_DIR.glob("*.yaml")))
-        raise ValueError(f"model preset {name!r} not found (known presets: {known}, or a path to a YAML file)")
-    import yaml
-
-    base = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(base, dict):
-        raise ValueError(f"{path}: expected a mapping of model config fields")
-    return {**base, **data}
-
-
-class OptimConfig(_Strict):
-    """AdamW with decoupled weight decay (not applied to norms, biases and the router's balancing bias)."""
-
-    lr: float = Field(3e-3, gt=0, description="peak learning rate")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2 (DeepSeek-V3: 0.9, 0.95)")
-    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
-    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay of the matrices (DeepSeek-V3: 0.1)")
-    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = no clipping)")
-
-    @field_validator("betas")
-    @classmethod
-    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError(f"betas {v} must each lie in [0, 1)")
-        return v
-
-
-class ScheduleConfig(_Strict):
-    """Learning-rate schedule: linear warm-up, then cosine decay, warmup-stable-decay, or constant."""
-
-    kind: Literal["cosine", "wsd", "constant"] = Field(
-        "cosine", description="cosine: decay to min_lr_ratio*lr over the steps after warm-up; wsd: hold the "
-        "peak, then decay over the last decay_fraction of the steps (DeepSeek-V3's shape); constant: hold"
-    )
-    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0 to the peak")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of the peak")
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of all steps spent decaying")
-    decay_shape: Literal["linear", "cosine"] = Field("cosine", description="wsd: shape of the final decay")
-
-
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     """Validation loss on a fixed slice of the validation split."""
 
     every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
     max_rows: int = Field(64, ge=1, description="validation sequences used (the first ones of the split)")
 
 
-class CheckpointConfig(_Strict):
-    """Checkpoints under `<stage output>/checkpoints/step_XXXXXXX/`, published atomically."""
-
-    every: int = Field(100, ge=1, description="save every N steps (and always at the end)")
-    keep: int = Field(2, ge=1, description="keep the newest K checkpoints, delete older ones")
-    resume: bool = Field(True, description="resume from the newest complete checkpoint when one exists")
-
-
-class GuardConfig(_Strict):
+class GuardConfig(Strict):
     """What a non-finite loss or gradient norm does."""
 
     max_skipped_steps: int = Field(
@@ -103,7 +39,7 @@ class GuardConfig(_Strict):
     )
 
 
-class BalanceConfig(_Strict):
+class BalanceConfig(Strict):
     """DeepSeek-V3's auxiliary-loss-free load balancing (the step size is the model's bias_update_speed)."""
 
     bias_update: bool = Field(True, description="update the routers' balancing bias after every step")
@@ -113,7 +49,7 @@ class BalanceConfig(_Strict):
     )
 
 
-class DistributedConfig(_Strict):
+class DistributedConfig(Strict):
     """Data parallelism across the job's processes (torchrun starts them from `resources`)."""
 
     strategy: Literal["ddp", "fsdp"] = Field(
@@ -123,7 +59,7 @@ class DistributedConfig(_Strict):
     reshard_after_forward: bool = Field(True, description="fsdp: free gathered parameters after forward")
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(Strict):
     """What is logged to MLflow (rank 0, batched) and what the efficiency ledger assumes."""
 
     log_every: int = Field(10, ge=1, description="log metrics and a progress line every N steps")
@@ -137,7 +73,7 @@ class MetricsConfig(_Strict):
     )
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(Strict):
     """The pretraining stage: a MoE language model trained on a prepared dataset."""
 
     dataset: str | None = Field(

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.data.format import PackedDataset, load_dataset_meta
+from components.dataset.format import PackedDataset, load_dataset_meta
 from infra import storage
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ finds its own checkpoints there and resumes. Outputs: `{"checkpoint": <model URI
 
 from __future__ import annotations
 
-from infra.stages import ConfigError, StageContext, StageOutput
+from infra.contract import ConfigError, StageContext, StageOutput
 
 from .config import PretrainConfig
 from .trainer import Trainer

@@ -3,7 +3,7 @@
 Per step: each rank runs its micro-batches (bf16 autocast on GPU, fp32 on CPU), backward on the loss
 `lm + (lambda/D) sum MTP + sequence aux` divided by the accumulation count (gradients are synchronised
 on the last micro-batch only); the global gradient norm is clipped; a non-finite loss or norm skips the
-update (up to `guards.max_skipped_steps`, else the run stops with `DivergedError`, exit code 4, keeping
+update (up to `guards.max_skipped_steps`, else the run stops with `TrainingDiverged`, exit code 4, keeping
 the last good checkpoint); AdamW steps, the schedule steps, and the routers' balancing biases move
 against the expert loads counted over the whole global batch (all ranks). Validation every
 `eval.every` steps, a checkpoint every `checkpoint.every` steps and at the end, metrics to MLflow on
@@ -31,14 +31,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from components.data.format import load_dataset_meta
+from components.common.schedule import build_scheduler
+from components.common.system import available_cores
+from components.dataset.format import load_dataset_meta
 from components.model.arithmetic import model_info
 from components.model.config import ModelConfig
+from components.refs import checkpoint as ckpt
 from infra import storage
-from infra.jobs import EXIT_DIVERGED
-from infra.stages import ConfigError, StageContext
+from infra.contract import ConfigError, StageContext, TrainingDiverged
 
-from . import checkpoint as ckpt
 from . import distributed as D
 from .config import PretrainConfig
 from .data import TrainBatches, open_dataset, val_batches
@@ -51,22 +52,8 @@ from .metrics import (
     loss_curve_figure,
     moe_layer_labels,
 )
-from .schedule import build_scheduler
 
 log = logging.getLogger("moeflow.pretrain")
-
-
-class DivergedError(RuntimeError):
-    """Non-finite loss or gradients beyond the allowed skips; the job exits with EXIT_DIVERGED (4)."""
-
-    exit_code = EXIT_DIVERGED
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_model_config(cfg: PretrainConfig, meta: dict[str, Any]) -> ModelConfig:
@@ -290,7 +277,7 @@ class Trainer:
         if self.skipped > self.cfg.guards.max_skipped_steps:
             last = ckpt.latest_checkpoint(self.ctx.output_uri)
             keep = f"the last good checkpoint is {last[1]} (step {last[0]})" if last else "no checkpoint was saved"
-            raise DivergedError(
+            raise TrainingDiverged(
                 f"training diverged: {what}; {self.skipped} non-finite step(s), guards.max_skipped_steps is "
                 f"{self.cfg.guards.max_skipped_steps}. Stopped without saving; {keep}. Lower optim.lr, "
                 "raise schedule.warmup_steps or lower optim.grad_clip"

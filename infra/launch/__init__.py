@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.jobs import Launcher
+from infra.contract import Launcher
 from infra.settings import Settings, get_settings
 
 

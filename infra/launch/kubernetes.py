@@ -55,9 +55,10 @@ from typing import Any
 
 import yaml
 
-from infra.jobs import (
+from infra.contract import (
     EXIT_BAD_INPUT,
     EXIT_DIVERGED,
+    JOB_ENTRY_MODULE,
     LABEL_FLOW_RUN,
     LABEL_STAGE,
     JobFailed,
@@ -172,7 +173,7 @@ def job_command(spec: JobSpec, name: str) -> list[str]:
         rdzv = ["--nnodes", str(r.nodes), "--node-rank", "$(JOB_COMPLETION_INDEX)",
                 "--master-addr", f"{name}-0.{name}", "--master-port", str(RDZV_PORT)]
     return ["python", "-m", "infra.launch.kubernetes", "torchrun", *rdzv,
-            "--nproc-per-node", str(r.procs_per_node), "-m", "infra.job", *job]
+            "--nproc-per-node", str(r.procs_per_node), "-m", JOB_ENTRY_MODULE, *job]
 
 
 def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import threading
 import time
 
 from infra import storage
-from infra.jobs import JobFailed, JobSpec, Launcher, LogFn, StageResult
+from infra.contract import JOB_ENTRY_MODULE, JobFailed, JobSpec, Launcher, LogFn, StageResult
 from infra.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ TAIL_LINES = 40
 
 def job_command(spec: JobSpec) -> list[str]:
     """The command line for a spec: the job module, under torchrun when it asks for several processes."""
-    job = ["-m", "infra.job", spec.stage, "--config", spec.config_uri]
+    job = ["-m", JOB_ENTRY_MODULE, spec.stage, "--config", spec.config_uri]
     r = spec.resources
     if r.nodes > 1:
         raise ValueError(f"job {spec.name}: the local launcher runs on one node; nodes={r.nodes} needs the "

@@ -21,8 +21,8 @@ from components.data import (
     sample_documents,
 )
 from components.data.english import generic_documents
-from components.data.format import FORMAT_NAME, dtype_for_vocab
 from components.data.packing import ShardWriter
+from components.dataset.format import FORMAT_NAME, dtype_for_vocab
 from components.tasks import Problem, extract_answer, make_split
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kernels
-from components.distill.sft import (
+from components.common.config import OptimConfig
+from components.sft.sft import (
     IGNORE_INDEX,
     DistillLossConfig,
     Sequenced,
@@ -17,7 +18,6 @@ from components.distill.sft import (
     sft_train,
     tokenize_examples,
 )
-from components.training.config import OptimConfig
 
 
 def test_tokenized_example_trains_on_completion_and_eos_only(tok, examples):
@@ -141,7 +141,7 @@ def test_fused_kernel_is_what_distillation_calls(monkeypatch, tok, examples, mak
 
 
 def test_mixed_rows_follow_every_batch_and_train_on_all_their_tokens():
-    from components.distill.sft import batches
+    from components.sft.sft import batches
 
     seqs = [Sequenced([5, 6, 7, 8], [False, True, True, True])] * 6
     corpus = torch.arange(100, 100 + 5 * 9).reshape(5, 9)

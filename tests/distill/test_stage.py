@@ -9,15 +9,18 @@ import pytest
 import torch
 
 import components.distill.stage as distill_stage
-from components.distill.sft import SFTConfig, sft_train
+from components.common.config import OptimConfig
 from components.model import model_info
-from components.rl.rejection import load_traces
+from components.refs import checkpoint as ckpt
+from components.sft.sft import SFTConfig, sft_train
+from components.sft.traces import load_traces
 from components.tasks import load_task_file, verify_batch
-from components.training import checkpoint as ckpt
-from components.training.config import OptimConfig
+from flows import registry
+from flows.registry import stage_impl
 from infra import storage
-from infra.job import run_job
-from infra.stages import ConfigError, cached_result, job_payload, plan_stage
+from infra.contract import ConfigError
+from infra.entry import run_job
+from infra.plan import cached_result, job_payload
 
 STUDENT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "first_k_dense_replace": 2,
            "num_attention_heads": 2, "q_lora_rank": None, "kv_lora_rank": 8, "qk_nope_head_dim": 8,
@@ -35,7 +38,7 @@ def easy_tasks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def teacher_uri(distill_home, easy_tasks, tok, tmp_path_factory, config_of):
+def teacher_uri(module_home, easy_tasks, tok, tmp_path_factory, config_of):
     """A small MoE teacher (1 dense + 1 MoE layer) that has memorised the easy tasks, published."""
     from components.data.tokenizer import save_tokenizer
     from components.model import Transformer
@@ -52,7 +55,7 @@ def teacher_uri(distill_home, easy_tasks, tok, tmp_path_factory, config_of):
     tmp = tmp_path_factory.mktemp("teacher")
     save_tokenizer(tok, tmp / "tok", model_max_length=256)
     local = ckpt.save_model(teacher, teacher.cfg, tmp / "model", tmp / "tok")
-    uri = storage.join_uri(distill_home, "store", "pretrain", "teacher", "model")
+    uri = storage.join_uri(module_home, "store", "pretrain", "teacher", "model")
     storage.publish_dir(local, uri, meta={"kind": "model"})
     return uri
 
@@ -72,11 +75,11 @@ def config(teacher_uri: str, easy_tasks, **over) -> dict:
 
 def run(cfg: dict):
     """The stage as `run_stage` runs it: the cached result when this config already ran, else a job."""
-    plan = plan_stage("distill", cfg)
+    plan = registry.get("distill").plan(cfg)
     cached = cached_result(plan)
     if cached is not None:
         return cached, plan
-    return run_job("distill", job_payload(plan, parent_run_id=None, flow_run_id=None)), plan
+    return run_job("distill", stage_impl("distill"), job_payload(plan, parent_run_id=None, flow_run_id=None)), plan
 
 
 def test_stage_publishes_verified_traces_and_a_smaller_student(teacher_uri, easy_tasks):
@@ -134,9 +137,9 @@ def test_a_student_above_the_active_ratio_is_a_config_error(teacher_uri, easy_ta
         run(config(teacher_uri, easy_tasks, student={"model": big}))
 
 
-def test_missing_teacher_is_a_config_error(distill_home):
+def test_missing_teacher_is_a_config_error(module_home):
     with pytest.raises(ConfigError, match="distill.teacher"):
-        plan_stage("distill", {})
+        registry.get("distill").plan({})
 
 
 def test_published_traces_are_reused_instead_of_sampled(teacher_uri, easy_tasks, monkeypatch):
@@ -168,7 +171,7 @@ def test_corpus_rows_come_from_a_dataset_with_the_teachers_tokenizer(teacher_uri
     from types import SimpleNamespace
 
     from components.distill.config import DistillConfig
-    from components.eval.models import local_dir
+    from components.refs.models import local_dir
 
     teacher = SimpleNamespace(tokenizer_file=local_dir(teacher_uri) / "tokenizer.json")
     rows = [[i * 10 + j for j in range(12)] for i in range(6)]

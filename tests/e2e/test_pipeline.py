@@ -21,7 +21,7 @@ STAGES = ["prep", "pretrain", "rl", "distill", "eval", "release-teacher", "relea
 
 
 def moeflow(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import components.eval.evaluate as evaluate_mod
-from components.eval.evaluate import as_problems, evaluate, format_ok, validation_loss
+import components.scoring.evaluate as evaluate_mod
 from components.model.generate import GenerationResult
+from components.scoring.evaluate import as_problems, evaluate, format_ok, validation_loss
 
 
 def test_format_ok_accepts_only_think_then_one_answer():

@@ -22,10 +22,10 @@ def python(code: str, env: dict[str, str], timeout: float = 300) -> subprocess.C
                           env={**os.environ, **env})
 
 
-def test_cli_eval_and_champion_history(eval_home, make_model, publish_model, task_file, tmp_path):
+def test_cli_eval_and_champion_history(module_home, make_model, publish_model, task_file, tmp_path):
     from infra.tracking import _client
 
-    env = {"MOEFLOW_HOME": eval_home, "PREFECT_HOME": str(Path(eval_home) / "prefect"), "OMP_NUM_THREADS": "1"}
+    env = {"MOEFLOW_HOME": module_home, "PREFECT_HOME": str(Path(module_home) / "prefect"), "OMP_NUM_THREADS": "1"}
     uri = publish_model(make_model(), "champ")
     client = _client()
     client.create_registered_model("flowtest")
@@ -40,7 +40,7 @@ def test_cli_eval_and_champion_history(eval_home, make_model, publish_model, tas
     # cached: the same model version on the same problems; the history still gets its row)
     champion = ("eval_champion_flow(model_name='flowtest', task_files=[" + repr(str(task_file)) + "], "
                 "sampling={'n_samples': 2, 'k_values': [1, 2], 'max_new_tokens': 8, 'batch_size': 8})")
-    code = ("import json, sys\nfrom infra.cli import main\n"
+    code = ("import json, sys\nfrom flows.cli import main\n"
             f"assert main(['eval', '--config', {str(cfg)!r}, '--json']) == 0\n"
             "from flows.eval import eval_champion_flow\n"
             f"{champion}\nprint(json.dumps({champion}))")

@@ -7,7 +7,7 @@ import statistics
 import numpy as np
 import pytest
 
-from components.eval import maj_at_k, mean_stderr, pass_at_k
+from components.scoring import maj_at_k, mean_stderr, pass_at_k
 
 
 def _brute_force_pass_at_k(n, c, k):

@@ -8,24 +8,28 @@ import json
 import pytest
 import torch
 
-from components.eval.evaluate import evaluate
-from components.eval.models import lineage_cost, resolve_model_ref
+from components.refs.lineage import lineage_cost
+from components.refs.models import resolve_model_ref
+from components.scoring.evaluate import evaluate
 from components.tasks import load_task_file
+from flows import registry
+from flows.registry import stage_impl
 from infra import storage
-from infra.job import run_job
-from infra.stages import ConfigError, job_payload, plan_stage
+from infra.contract import ConfigError
+from infra.entry import run_job
+from infra.plan import job_payload
 
 SAMPLING = {"n_samples": 2, "k_values": [1, 2], "max_new_tokens": 8, "batch_size": 4, "seed": 5}
 
 
 def run_eval(config: dict) -> dict:
-    plan = plan_stage("eval", config)
-    result = run_job("eval", job_payload(plan, parent_run_id=None, flow_run_id=None))
+    plan = registry.get("eval").plan(config)
+    result = run_job("eval", stage_impl("eval"), job_payload(plan, parent_run_id=None, flow_run_id=None))
     return storage.read_json(storage.join_uri(result.outputs["report"], "report.json")) | {"_result": result}
 
 
 def test_report_compares_models_on_user_tasks_with_the_numbers_of_evaluate(
-        eval_home, make_model, publish_model, task_file, tok):
+        module_home, make_model, publish_model, task_file, tok):
     a, b = make_model(seed=0), make_model(seed=1, hidden_size=48)
     uri_a, uri_b = publish_model(a, "a"), publish_model(b, "b")
     report = run_eval({"models": [{"uri": uri_a, "name": "small"}, {"uri": uri_b}],
@@ -42,13 +46,13 @@ def test_report_compares_models_on_user_tasks_with_the_numbers_of_evaluate(
     assert report["_result"].metrics["small/pass_at_1"] == direct["metrics"]["pass@1"]
 
 
-def test_a_suite_without_problems_is_a_config_error(eval_home, make_model, publish_model):
+def test_a_suite_without_problems_is_a_config_error(module_home, make_model, publish_model):
     uri = publish_model(make_model(), "a")
     with pytest.raises(ConfigError, match="suite"):
-        plan_stage("eval", {"models": [{"uri": uri}]})
+        registry.get("eval").plan({"models": [{"uri": uri}]})
 
 
-def test_registry_alias_resolves_to_the_tagged_release(eval_home, make_model, publish_model):
+def test_registry_alias_resolves_to_the_tagged_release(module_home, make_model, publish_model):
     from infra.tracking import _client
 
     uri = publish_model(make_model(), "rel")
@@ -65,7 +69,7 @@ def test_registry_alias_resolves_to_the_tagged_release(eval_home, make_model, pu
         resolve_model_ref(f"models:/tinyflow/{bare.version}")
 
 
-def test_stage_output_root_resolves_to_its_model(eval_home, make_model, publish_model):
+def test_stage_output_root_resolves_to_its_model(module_home, make_model, publish_model):
     uri = publish_model(make_model(), "m")
     root = uri.rsplit("/", 1)[0]
     storage.write_json(storage.join_uri(root, "RESULT.json"), {"stage": "rl", "outputs": {"checkpoint": uri}})
@@ -78,8 +82,8 @@ def _result(root: str, stage: str, key: str, inputs: dict, metrics: dict, second
         "lineage": {"key": key, "inputs": {n: {"uri": u, "hash": "x"} for n, u in inputs.items()}, "config": {}}})
 
 
-def test_lineage_cost_adds_every_stage_once(eval_home):
-    store = storage.join_uri(eval_home, "store")
+def test_lineage_cost_adds_every_stage_once(module_home):
+    store = storage.join_uri(module_home, "store")
     pre, rl, dis = (storage.join_uri(store, s, "k" + s) for s in ("pretrain", "rl", "distill"))
     _result(pre, "pretrain", "kpre", {"dataset": storage.join_uri(store, "prep", "kp", "dataset")},
             {"device_hours": 0.5, "cost_usd": 1.0}, 1800)
@@ -92,7 +96,7 @@ def test_lineage_cost_adds_every_stage_once(eval_home):
     assert cost["estimated"] is True
 
 
-def test_report_table_artifact_rows_are_json(eval_home, make_model, publish_model, task_file):
+def test_report_table_artifact_rows_are_json(module_home, make_model, publish_model, task_file):
     from flows.eval import summarize
 
     report = run_eval({"models": [{"uri": publish_model(make_model(), "a")}],
@@ -104,10 +108,10 @@ def test_report_table_artifact_rows_are_json(eval_home, make_model, publish_mode
     assert summary["models"][0]["metrics"]["pass@1"] == report["rows"][0]["metrics"]["pass@1"]
 
 
-def test_a_checkpoint_of_a_running_stage_loads_with_its_datasets_tokenizer(eval_home, make_model, tok, tmp_path):
+def test_a_checkpoint_of_a_running_stage_loads_with_its_datasets_tokenizer(module_home, make_model, tok, tmp_path):
     from components.data.tokenizer import save_tokenizer
-    from components.eval.models import load_model_ref
-    from components.training.checkpoint import save_model
+    from components.refs.checkpoint import save_model
+    from components.refs.models import load_model_ref
 
     dataset = tmp_path / "dataset"
     save_tokenizer(tok, dataset, model_max_length=256)

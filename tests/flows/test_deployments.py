@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from infra.deploy import PREFECT_YAML, deploy_all, load_entries
+from flows.deploy import PREFECT_YAML, deploy_all, load_entries
 
 
 @pytest.fixture(scope="module")

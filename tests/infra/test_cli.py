@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from infra.configfile import apply_overrides, load_yaml
-from infra.stages import ConfigError
+from infra.contract import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, **(env or {})})
 
 

@@ -1,4 +1,4 @@
-"""The local launcher runs the real job entry point (`python -m infra.job`) as a subprocess: log
+"""The local launcher runs the real job entry point (`python -m flows.job`) as a subprocess: log
 streaming, StageResult read back from storage, failures with the job's last lines, timeout, cancel."""
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ import time
 
 import pytest
 
+from flows import registry
 from infra import storage
-from infra.jobs import EXIT_BAD_INPUT, JobFailed, JobSpec, Resources
+from infra.contract import EXIT_BAD_INPUT, JobFailed, JobSpec, Resources
 from infra.launch.local import LineSplitter, LocalLauncher, job_command
-from infra.stages import cached_result, job_payload, plan_stage
+from infra.plan import cached_result, job_payload
 
 SMALL_PREP = {"generators": {"tasks": {"n_per_family": 40}, "generic_text": {"n_docs": 30}},
               "eval": {"n_per_family": 5}, "tokenizer": {"vocab_size": 300}, "packing": {"seq_len": 32}}
 
 
 def _spec(config: dict, timeout_s: float | None = None) -> tuple[JobSpec, object]:
-    plan = plan_stage("prep", config)
+    plan = registry.get("prep").plan(config)
     storage.write_json(plan.job_config_uri, job_payload(plan, parent_run_id=None, flow_run_id=None))
     spec = JobSpec(stage="prep", name=plan.job_name, config_uri=plan.job_config_uri,
                    result_uri=plan.result_uri, timeout_s=timeout_s)
@@ -34,7 +35,7 @@ def test_success_streams_logs_and_returns_the_stage_result(moeflow_home):
     assert result.stage == "prep" and result.mlflow_run_id
     assert storage.is_published(result.outputs["dataset"])
     assert any("stage prep finished" in line for line in lines)
-    assert cached_result(plan_stage("prep", SMALL_PREP)).outputs == result.outputs
+    assert cached_result(registry.get("prep").plan(SMALL_PREP)).outputs == result.outputs
 
 
 def test_failure_carries_exit_code_and_last_log_lines(moeflow_home, tmp_path):

@@ -52,7 +52,7 @@ def test_runs_as_the_numeric_non_root_user_the_pods_expect():
 def test_entry_point_is_moeflow_job():
     assert ("ENTRYPOINT", '["moeflow-job"]') in instructions()
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["moeflow-job"] == "infra.job:main"
+    assert scripts["moeflow-job"] == "flows.job:main"
 
 
 def test_copied_sources_exist_and_are_not_ignored():

@@ -20,7 +20,7 @@ from gotemplate import TemplateError, render_chart
 from kube_fake import FakeKube
 from pss import restricted_violations
 
-from infra.jobs import JobFailed, JobSpec
+from infra.contract import JobFailed, JobSpec
 from infra.launch.kubernetes import preset_resources
 from infra.settings import Settings
 

@@ -12,7 +12,7 @@ import pytest
 from kube_fake import FakeKube
 
 from infra import storage
-from infra.jobs import EXIT_BAD_INPUT, LABEL_FLOW_RUN, JobFailed, JobSpec, Resources, StageResult
+from infra.contract import EXIT_BAD_INPUT, LABEL_FLOW_RUN, JobFailed, JobSpec, Resources, StageResult
 from infra.launch.kubernetes import (
     LABEL_JOB,
     TAIL_LINES,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from pss import restricted_violations
 
-from infra.jobs import EXIT_BAD_INPUT, EXIT_DIVERGED, LABEL_FLOW_RUN, LABEL_MLFLOW_RUN, LABEL_STAGE, JobSpec
+from infra.contract import EXIT_BAD_INPUT, EXIT_DIVERGED, LABEL_FLOW_RUN, LABEL_MLFLOW_RUN, LABEL_STAGE, JobSpec
 from infra.launch.kubernetes import (
     ANNOTATION_CONFIG,
     ANNOTATION_RESULT,
@@ -121,7 +121,7 @@ def test_eight_gpu_job_runs_torchrun_with_a_process_per_gpu(k8s_settings):
     (job,) = render_manifests(pretrain_spec(k8s_settings, 8), k8s_settings)
     c = pod_of(job)["containers"][0]
     assert c["command"] == ["python", "-m", "infra.launch.kubernetes", "torchrun", "--standalone", "--nnodes", "1",
-                            "--nproc-per-node", "8", "-m", "infra.job", "pretrain", "--config",
+                            "--nproc-per-node", "8", "-m", "flows.job", "pretrain", "--config",
                             "s3://moeflow/runs/p/config.json"]
     assert c["resources"]["limits"] == {"memory": "512Gi", GPU_RESOURCE: "8"}
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}} in pod_of(job)["volumes"]
@@ -142,7 +142,7 @@ def test_two_node_job_is_indexed_with_a_headless_service_and_rendezvous_at_pod_z
     assert args[args.index("--node-rank") + 1] == "$(JOB_COMPLETION_INDEX)"
     assert args[args.index("--master-addr") + 1] == f"{name}-0.{name}"
     assert args[args.index("--master-port") + 1] == "29500"
-    assert args[-5:] == ["-m", "infra.job", "pretrain", "--config", "s3://moeflow/runs/p/config.json"]
+    assert args[-5:] == ["-m", "flows.job", "pretrain", "--config", "s3://moeflow/runs/p/config.json"]
     assert env_of(job)["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     assert c["resources"]["limits"][GPU_RESOURCE] == "8"

@@ -20,15 +20,6 @@ PRETRAIN_METRICS = {"tokens": 123456.0, "flops": 4.2e12, "device_hours": 0.0123,
                     "steps": 40.0, "train_seconds": 44.3, "final_loss": 3.1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared machine extra threads cost 10x."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from components.data.config import TokenizerConfig
@@ -74,8 +65,8 @@ def publish_model(tokenizer_dir, tmp_path):
     """publish_model(model) -> URI of the model published as pretraining would (in the configured store):
     `<store>/pretrain/<key>/model` with training.json and a RESULT.json carrying the ledger, and a
     published dataset at `<store>/prep/<key>/dataset` upstream."""
-    from components.training.checkpoint import save_model
-    from infra.jobs import StageResult
+    from components.refs.checkpoint import save_model
+    from infra.contract import StageResult
     from infra.settings import get_settings
 
     def publish(model: Transformer, *, tag: str = "") -> str:

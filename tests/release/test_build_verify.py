@@ -15,9 +15,10 @@ import torch
 from safetensors import safe_open
 
 from components.model import model_info
+from components.refs.lineage import lineage_chain
 from components.release.build import build_release, publish_release
 from components.release.card import ReleaseCard, license_text
-from components.release.lineage import efficiency_ledger, lineage_chain, load_evaluation
+from components.release.evidence import efficiency_ledger, load_evaluation
 from components.release.verify import SUMS_NAME, verify_release
 from infra import storage
 
@@ -133,7 +134,7 @@ def test_verify_downloads_from_s3_and_catches_a_changed_object(make_model, token
 
 def test_cli_verify_exit_code_json_and_quiet_output(make_model, tokenizer_dir, tmp_path, moeflow_home, capfd,
                                                     flip_byte):
-    from infra.cli import main
+    from flows.cli import main
 
     uri = str(tmp_path / "store" / "release")
     make_release(make_model(seed=8), tokenizer_dir, tmp_path / "rel", uri)

@@ -8,22 +8,25 @@ import json
 
 import pytest
 
-from components.eval.models import resolve_model_ref
+from components.refs.models import resolve_model_ref
 from components.release import registry
 from components.release.config import GateConfig
 from components.release.gate import evaluate_gate
 from components.release.verify import verify_release
+from flows import registry as stage_registry
+from flows.registry import stage_impl
 from flows.release import describe, summarize
 from infra import storage
-from infra.job import run_job
-from infra.stages import ConfigError, job_payload, plan_stage
+from infra.contract import ConfigError
+from infra.entry import run_job
+from infra.plan import job_payload
 
 pytestmark = pytest.mark.usefixtures("shared_tracking")
 
 
 def release(config: dict):
-    plan = plan_stage("release", config)
-    return run_job("release", job_payload(plan, parent_run_id=None, flow_run_id="flow-123"))
+    plan = stage_registry.get("release").plan(config)
+    return run_job("release", stage_impl("release"), job_payload(plan, parent_run_id=None, flow_run_id="flow-123"))
 
 
 def aliases(name: str) -> dict[str, str]:
@@ -123,9 +126,9 @@ def test_student_release_on_s3(s3_env, patch_env, make_model, publish_model, pub
 
 def test_config_errors_name_the_field(moeflow_home, make_model, publish_model, publish_report):
     with pytest.raises(ConfigError, match="release.model"):
-        plan_stage("release", {})
+        stage_registry.get("release").plan({})
     with pytest.raises(ConfigError, match="license.holder"):
-        plan_stage("release", {"model": "x", "license": {"holder": "a\nb"}})
+        stage_registry.get("release").plan({"model": "x", "license": {"holder": "a\nb"}})
     model_uri = publish_model(make_model(seed=8))
     other = publish_model(make_model(seed=9), tag="other")
     report = publish_report(other, {"pass@1": 0.5}, name="other")

@@ -34,16 +34,7 @@ RECIPE = {
     "steps": 300, "batch_size": 32, "seq_len": 64, "lr": 5e-3, "warmup": 20, "seed": 0,
 }
 SOURCES = ["components/model", "kernels", "components/data/tokenizer.py", "components/tasks/families.py",
-           "components/tasks/problem.py", "components/training/checkpoint.py"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared machine extra threads cost 10x."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+           "components/tasks/problem.py", "components/refs/checkpoint.py"]
 
 
 def easy_family():
@@ -65,8 +56,8 @@ def _recipe_key() -> str:
 
 def _write_dataset_dir(out: Path, tok, eval_problems) -> None:
     """The parts of a prepared dataset directory RL reads: dataset.json, the tokenizer, eval/<family>.jsonl."""
-    from components.data.format import FORMAT_NAME, FORMAT_VERSION, SPECIAL_TOKENS
     from components.data.tokenizer import save_tokenizer, special_token_ids
+    from components.dataset.format import FORMAT_NAME, FORMAT_VERSION, SPECIAL_TOKENS
 
     out.mkdir(parents=True)
     save_tokenizer(tok, out, model_max_length=RECIPE["seq_len"])
@@ -86,8 +77,8 @@ def _pretrain(out: Path) -> None:
     from components.data.config import TokenizerConfig
     from components.data.tokenizer import train_tokenizer
     from components.model import ModelConfig, Transformer
+    from components.refs.checkpoint import save_model
     from components.tasks import make_split
-    from components.training.checkpoint import save_model
 
     r = RECIPE
     problems = make_split(easy_family(), r["n_problems"], r["seed"])
@@ -130,12 +121,12 @@ class TinyBase:
     dataset_dir: Path
 
     def load(self):
-        from components.training.checkpoint import load_model
+        from components.refs.checkpoint import load_model
 
         return load_model(self.model_dir)[0]
 
     def tokenizer(self):
-        from components.data.format import load_tokenizer
+        from components.dataset.format import load_tokenizer
 
         return load_tokenizer(self.model_dir)
 

@@ -32,7 +32,7 @@ def test_cli_runs_the_flow_and_ends_with_the_headline_json(moeflow_home, tiny_ba
         "eval": {"n_problems": 8, "n_samples": 2, "max_new_tokens": 24},
         "samples": {"every": 1, "n": 2}}}))
     # the dataset comes from the model's lineage unless given: this base has none, so it is set here
-    code = ("import json\nfrom infra.cli import main\n"
+    code = ("import json\nfrom flows.cli import main\n"
             f"assert main(['rl', '--config', {str(cfg)!r}, '--set', 'dataset={dataset}', '--json']) == 0\n"
             "from prefect.client.orchestration import get_client\n"
             "with get_client(sync_client=True) as client:\n"

@@ -34,7 +34,7 @@ def windows(curve: list[float]) -> list[float]:
 
 
 def pass_at_1(model, tokenizer, problems) -> float:
-    from components.eval.evaluate import evaluate
+    from components.scoring.evaluate import evaluate
 
     res = evaluate(model, tokenizer, problems, n_samples=8, temperature=1.0, top_p=1.0, max_new_tokens=24,
                    greedy=False, batch_size=len(problems), keep_samples=False, seed=1)

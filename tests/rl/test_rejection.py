@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from components.rl.rejection import load_traces, publish_traces, rejection_sample, write_traces
+from components.sft.traces import load_traces, publish_traces, rejection_sample, write_traces
 from components.tasks import verify
 from infra import storage
 from infra.settings import get_settings

@@ -9,10 +9,13 @@ import pytest
 
 from components.rl import trainer as trainer_mod
 from components.tasks import verify
+from flows import registry
+from flows.registry import stage_impl
 from infra import storage
-from infra.job import run_job
+from infra.contract import ConfigError
+from infra.entry import run_job
+from infra.plan import cached_result, job_payload
 from infra.settings import get_settings
-from infra.stages import ConfigError, cached_result, job_payload, plan_stage
 
 EASY = {"arithmetic": {"min_operands": 2, "max_operands": 2, "max_value": 6}}
 
@@ -44,15 +47,15 @@ def config(inputs: dict[str, str], **over) -> dict:
 
 
 def run_rl(cfg: dict):
-    plan = plan_stage("rl", cfg)
-    return plan, run_job("rl", job_payload(plan, parent_run_id=None, flow_run_id=None))
+    plan = registry.get("rl").plan(cfg)
+    return plan, run_job("rl", stage_impl("rl"), job_payload(plan, parent_run_id=None, flow_run_id=None))
 
 
 def test_r1_run_publishes_policy_report_samples_and_traces(inputs, tiny_base):
-    from components.training.checkpoint import load_model
+    from components.refs.checkpoint import load_model
     from infra.tracking import _client
 
-    cfg = config(inputs, pipeline="r1", grpo={"beta": 0.05, "dynamic_sampling": True, "max_sampling_rounds": 2},
+    cfg = config(inputs, recipe="r1", grpo={"beta": 0.05, "dynamic_sampling": True, "max_sampling_rounds": 2},
                  rejection={"enabled": True, "n_problems": 6, "n_samples": 4})
     plan, result = run_rl(cfg)
     assert set(result.outputs) == {"checkpoint", "report", "cold_start", "traces"}
@@ -128,12 +131,12 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
 
 def test_config_errors_name_the_field(inputs):
     with pytest.raises(ConfigError, match=r"rl\.model"):
-        plan_stage("rl", {"dataset": inputs["dataset"]})
+        registry.get("rl").plan({"dataset": inputs["dataset"]})
     with pytest.raises(ConfigError, match=r"rl\.tasks\.families.*unknown task families \['algebra'\]"):
-        plan_stage("rl", config(inputs, tasks={"families": ["algebra"], "knobs": {}}))
+        registry.get("rl").plan(config(inputs, tasks={"families": ["algebra"], "knobs": {}}))
     with pytest.raises(ConfigError, match=r"rl\.tasks.*max_valu"):
-        plan_stage("rl", config(inputs, tasks={"knobs": {"arithmetic": {"max_valu": 3}}}))
+        registry.get("rl").plan(config(inputs, tasks={"knobs": {"arithmetic": {"max_valu": 3}}}))
     with pytest.raises(ConfigError, match=r"rl\.grpo\.aggregation"):
-        plan_stage("rl", config(inputs, grpo={"aggregation": "sum"}))
+        registry.get("rl").plan(config(inputs, grpo={"aggregation": "sum"}))
     with pytest.raises(ConfigError, match=r"rl\.tasks\.n_prompts"):  # more prompts than the easy family has
         run_rl(config(inputs, tasks={"n_prompts": 500}))

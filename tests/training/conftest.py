@@ -1,5 +1,5 @@
 """Fixtures for the pretraining tests: a micro dataset (real prep, ~1 s), a smaller-than-tiny model, and
-helpers that run the trainer in-process or as the real job (`python -m infra.job pretrain`).
+helpers that run the trainer in-process or as the real job (`python -m flows.job pretrain`).
 
 Every run here uses one CPU thread per process: on shared 2-core machines a second thread is slower.
 """
@@ -90,7 +90,7 @@ def run_in_process(config: dict[str, Any], output_uri: str, workdir: Path, track
     """Train with the stage's Trainer in this process (rank 0 of 1) and return its result dict."""
     from components.training.config import PretrainConfig
     from components.training.trainer import Trainer
-    from infra.stages import NullTracker, StageContext
+    from infra.contract import NullTracker, StageContext
 
     cfg = PretrainConfig.model_validate(config)
     ctx = StageContext(stage="pretrain", output_uri=output_uri, workdir=workdir, tracker=tracker or NullTracker(),
@@ -100,13 +100,14 @@ def run_in_process(config: dict[str, Any], output_uri: str, workdir: Path, track
 
 def write_job(config: dict[str, Any]):
     """Plan the stage and write its job config exactly as `flows.common.run_stage` does -> (plan, spec)."""
-    from infra.jobs import JobSpec
-    from infra.stages import job_payload, plan_stage
+    from flows import registry
+    from infra.contract import JobSpec
+    from infra.plan import job_payload
 
-    plan = plan_stage("pretrain", config)
+    plan = registry.get("pretrain").plan(config)
     storage.write_json(plan.job_config_uri, job_payload(plan, parent_run_id=None, flow_run_id=None))
     cfg_resources = config.get("resources", {})
-    from infra.jobs import Resources
+    from infra.contract import Resources
 
     spec = JobSpec(stage="pretrain", name=plan.job_name, config_uri=plan.job_config_uri,
                    result_uri=plan.result_uri, resources=Resources(**cfg_resources))
@@ -114,7 +115,7 @@ def write_job(config: dict[str, Any]):
 
 
 def job_command(config_uri: str) -> list[str]:
-    return [sys.executable, "-m", "infra.job", "pretrain", "--config", config_uri]
+    return [sys.executable, "-m", "flows.job", "pretrain", "--config", config_uri]
 
 
 def job_env() -> dict[str, str]:

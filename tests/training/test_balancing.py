@@ -3,7 +3,7 @@ with it off (same model, data and seed); the bias only moves while the update is
 
 from __future__ import annotations
 
-from components.training import checkpoint as ckpt
+from components.refs import checkpoint as ckpt
 
 from .conftest import micro_config, run_in_process
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from components.common.config import resolve_model
 from components.model.config import ModelConfig
 from components.model.model import Transformer
-from components.training import checkpoint as ckpt
-from components.training.config import resolve_model
+from components.refs import checkpoint as ckpt
 from infra import storage
 
 from .conftest import MICRO_MODEL

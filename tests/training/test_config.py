@@ -7,7 +7,8 @@ import pytest
 from components.model.config import ModelConfig
 from components.training import stage
 from components.training.config import PretrainConfig
-from infra.stages import ConfigError, validate_config
+from flows import registry
+from infra.contract import ConfigError
 
 
 def test_a_model_preset_expands_into_every_model_field_with_overrides_applied():
@@ -35,7 +36,7 @@ def test_a_model_preset_expands_into_every_model_field_with_overrides_applied():
 )
 def test_invalid_configs_name_the_field(data, field):
     with pytest.raises(ConfigError) as err:
-        validate_config("pretrain", {"dataset": "x", **data})
+        registry.get("pretrain").validate({"dataset": "x", **data})
     assert field in str(err.value)
 
 
@@ -59,6 +60,6 @@ def test_every_preset_validates_and_its_batch_divides_over_its_processes(preset)
 
     data = yaml.safe_load((REPO / "configs" / f"{preset}.yaml").read_text())
     data = data.get("pretrain", data)
-    cfg = validate_config("pretrain", {**data, "dataset": "s3://bucket/dataset"})
+    cfg = registry.get("pretrain").validate({**data, "dataset": "s3://bucket/dataset"})
     assert cfg.grad_accum(cfg.world_size) >= 1
     assert cfg.resources.procs_per_node * cfg.resources.nodes == cfg.world_size

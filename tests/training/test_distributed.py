@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.training import checkpoint as ckpt
+from components.refs import checkpoint as ckpt
 from infra import storage
 from infra.launch.local import LocalLauncher
 

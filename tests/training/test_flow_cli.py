@@ -9,14 +9,14 @@ import sys
 
 import yaml
 
-from components.training import checkpoint as ckpt
+from components.refs import checkpoint as ckpt
 from infra.tracking import _client
 
 from .conftest import REPO, job_env, micro_config
 
 
 def moeflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=REPO, env=job_env(), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=job_env(), capture_output=True,
                           text=True, timeout=300)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.training import checkpoint as ckpt
+from components.refs import checkpoint as ckpt
 from infra import storage
 
 from .conftest import REPO, run_in_process

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from components.model.model import MoEFlowForCausalLM
-from components.training import checkpoint as ckpt
-from infra import job as infra_job
+from components.refs import checkpoint as ckpt
+from flows.registry import stage_impl
+from infra import entry as infra_job
 from infra import storage
-from infra.jobs import EXIT_DIVERGED
+from infra.contract import EXIT_DIVERGED
 from infra.tracking import _client
 
 from .conftest import micro_config, run_in_process, write_job
@@ -38,7 +39,7 @@ def test_a_nan_loss_stops_the_run_with_exit_code_4_and_a_failed_mlflow_run(micro
     poison_step(monkeypatch, {6})  # step 6 (one micro-batch per step)
     payload = storage.read_json(plan.job_config_uri)
     with pytest.raises(Exception) as err:
-        infra_job.run_job("pretrain", payload)
+        infra_job.run_job("pretrain", stage_impl("pretrain"), payload)
     assert infra_job.exit_code_for(err.value) == EXIT_DIVERGED
     message = str(err.value)
     assert "step 6: non-finite loss" in message and "step_0000004" in message

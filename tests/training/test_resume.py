@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 
-from components.training import checkpoint as ckpt
+from components.refs import checkpoint as ckpt
 from components.training.trainer import Trainer
-from infra import job as infra_job
+from flows.registry import stage_impl
+from infra import entry as infra_job
 from infra import storage
 
 from .conftest import REPO, job_command, job_env, micro_config, run_in_process, run_job, write_job
@@ -62,7 +63,7 @@ def test_sigkill_mid_run_then_the_same_command_ends_with_the_same_final_loss(mic
                           metrics={"log_every": 10})
     with patch_env(MOEFLOW_STORE_URI=str(tmp_path / "store-straight")):
         plan_a, _ = write_job(config)  # the uninterrupted run: the job's code in this process (no startup)
-        infra_job.run_job("pretrain", storage.read_json(plan_a.job_config_uri))
+        infra_job.run_job("pretrain", stage_impl("pretrain"), storage.read_json(plan_a.job_config_uri))
         result_a = storage.read_json(plan_a.result_uri)
 
     with patch_env(MOEFLOW_STORE_URI=str(tmp_path / "store-killed")):

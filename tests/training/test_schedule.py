@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from components.training.config import ScheduleConfig
-from components.training.schedule import build_scheduler, lr_factor
+from components.common.config import ScheduleConfig
+from components.common.schedule import build_scheduler, lr_factor
 
 
 def test_warmup_rises_linearly_from_above_zero_to_the_peak():

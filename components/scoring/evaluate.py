@@ -2,7 +2,7 @@
 
 `evaluate` samples ``n_samples`` completions per problem at ``temperature``/``top_p`` (DeepSeek-R1's
 protocol: T = 0.6, top-p 0.95) plus one greedy completion, verifies them, and reports, each with its
-standard error over problems (the problems are the sample; ``components.eval.metrics.mean_stderr``):
+standard error over problems (the problems are the sample; ``components.scoring.metrics.mean_stderr``):
 
 - ``pass@1``: per problem c/n (c correct of n samples), averaged;
 - ``pass@k``: per problem the unbiased estimator ``1 - C(n-c, k)/C(n, k)``, averaged (k <= n);
@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 import kernels
-from components.eval.metrics import maj_at_k, mean_stderr, pass_at_k
 from components.model.generate import generate
+from components.model.tokens import encode_prompts, token_id
+from components.scoring.metrics import maj_at_k, mean_stderr, pass_at_k
 from components.tasks import Problem, extract_answer, verify_batch
 
 IGNORE_INDEX = -100
@@ -56,26 +57,13 @@ def as_problems(problems: Sequence[Problem | dict[str, Any]]) -> list[Problem]:
     return out
 
 
-def _token_id(tokenizer: Any, text: str) -> int | None:
-    fn = getattr(tokenizer, "token_to_id", None) or getattr(tokenizer, "convert_tokens_to_ids", None)
-    tid = fn(text) if fn else None
-    return tid if isinstance(tid, int) and tid >= 0 else None
-
-
-def _prompt_ids(tokenizer: Any, model: Any, prompts: Sequence[str]) -> list[list[int]]:
-    from components.distill.sft import encode_texts
-
-    bos = model.cfg.bos_token_id
-    return [([] if bos is None else [bos]) + ids for ids in encode_texts(tokenizer, prompts)]
-
-
 def _generate_all(model, tokenizer, problems: list[Problem], *, n: int, temperature: float, top_p: float,
                   max_new_tokens: int, seed: int, batch_size: int, stop_ids: list[int]) -> list[list[Any]]:
     """Per problem, its ``n`` GenerationResults (batched, seeded per batch)."""
     out: list[list[Any]] = []
     for b, start in enumerate(range(0, len(problems), batch_size)):
         chunk = problems[start : start + batch_size]
-        ids = _prompt_ids(tokenizer, model, [p.prompt for p in chunk])
+        ids = encode_prompts(tokenizer, [p.prompt for p in chunk], model.cfg.bos_token_id)
         results = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            stop_token_ids=stop_ids, tokenizer=tokenizer, seed=seed * 1_000_003 + b,
                            num_samples=n)
@@ -117,7 +105,7 @@ def evaluate(
     bad = [k for k in k_values if not 1 <= k <= n_samples]
     if bad:
         raise ValueError(f"k_values {bad} must lie in [1, n_samples={n_samples}]")
-    stop_ids = [t for t in (_token_id(tokenizer, "</answer>"),) if t is not None]
+    stop_ids = [t for t in (token_id(tokenizer, "</answer>"),) if t is not None]
     gen = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, stop_ids=stop_ids)
     sampled = _generate_all(model, tokenizer, probs, n=n_samples, temperature=temperature, top_p=top_p, **gen)
     greedy_res = (_generate_all(model, tokenizer, probs, n=1, temperature=0.0, top_p=1.0, **gen)
@@ -194,7 +182,7 @@ def validation_loss(model: Any, dataset_dir: str | Path, split: str = "val", max
     dataset's split (every target of a packed row counts; no MTP or balance terms)."""
     import numpy as np
 
-    from components.data.format import PackedDataset
+    from components.dataset.format import PackedDataset
 
     ds = PackedDataset(dataset_dir, split)
     n = min(len(ds), max_rows)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .config import ScheduleConfig
+from components.common.config import ScheduleConfig
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:

@@ -1,4 +1,8 @@
-"""Jobs: what a stage run needs (`JobSpec`), what it returns (`StageResult`), and who runs it (`Launcher`).
+"""The stage contract: what a stage is given and returns, and what a job is (`JobSpec`, `Launcher`).
+
+A stage package (`components/<package>/stage.py`) provides what `StageImpl` names: a typed `Config`,
+`input_uris(cfg)` and `run(cfg, ctx: StageContext) -> StageOutput`. The platform (this package) never
+imports a stage by name: the top layer's stage registry (`flows/registry.py`) hands the module in.
 
 Only URIs cross process boundaries: a job gets its config by URI and leaves its `StageResult` (JSON) at
 `spec.result_uri`, which the launcher reads back from storage once the process or pod has finished.
@@ -9,13 +13,28 @@ ever see this interface, so a new backend drops in without changing them.
 from __future__ import annotations
 
 import abc
+import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.settings import Settings, get_settings
+
 LogFn = Callable[[str], None]
+
+# The job process's entry module (console script `moeflow-job`): the top layer's wiring of the stage registry
+# to `infra.entry`. Launchers run it by name (`python -m ...`), so infra imports no stage and no flow.
+JOB_ENTRY_MODULE = "flows.job"
+
+# Exit codes of `moeflow-job` (the Kubernetes podFailurePolicy fails the Job fast on the last two).
+EXIT_OK = 0
+EXIT_FAILED = 1  # crash or lost resources: worth retrying
+EXIT_BAD_INPUT = 3  # invalid config or data: retrying cannot help
+EXIT_DIVERGED = 4  # non-finite loss or gradients beyond the allowed skips
 
 # Labels tying a job to its stage, the Prefect flow run and the MLflow run (JobSpec.labels keys).
 LABEL_STAGE = "moeflow.dev/stage"
@@ -49,12 +68,83 @@ class JobSpec(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, description="e.g. prefect flow-run / mlflow run ids")
 
 
+RESULT_NAME = "RESULT.json"  # a stage's StageResult, written last under its output location
+JOB_CONFIG_NAME = "job.json"  # the job config a launcher hands to `moeflow-job`
+
+
+class ConfigError(ValueError):
+    """Bad user input in a config: the message names the field (or file:line) and what to change."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite loss or gradients beyond the allowed skips: the job exits with EXIT_DIVERGED (never retried)."""
+
+    exit_code = EXIT_DIVERGED
+
+
+@dataclass
+class StageOutput:
+    """What `run()` returns: output URIs (each published), headline metrics (numbers, logged to MLflow),
+    and `extra`: typed JSON values the flows need (versions, digests, decisions), kept as they are."""
+
+    outputs: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """What a running stage gets from the platform: where to publish, its inputs (name -> URI, the same
+    mapping `input_uris(cfg)` gave), its tracker and lineage, and its place among the job's processes."""
+
+    stage: str
+    output_uri: str
+    workdir: Path
+    tracker: Any  # infra.tracking.Tracker on rank 0, a no-op tracker elsewhere
+    lineage: dict[str, Any]
+    inputs: dict[str, str] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    settings: Settings = field(default_factory=get_settings)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class StageImpl(Protocol):
+    """A stage package's `stage` module, as the platform uses it."""
+
+    Config: type[BaseModel]
+
+    def input_uris(self, cfg: Any) -> dict[str, str]: ...
+
+    def run(self, cfg: Any, ctx: StageContext) -> StageOutput: ...
+
+
+class NullTracker:
+    """Tracker for ranks other than 0: every call is a no-op."""
+
+    run_id: str | None = None
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 outside torchrun)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
 class StageResult(BaseModel):
-    """What a finished stage leaves behind: output URIs, metrics and lineage."""
+    """What a finished stage leaves behind: output URIs, metrics, typed extra values and lineage."""
 
     stage: str
     outputs: dict[str, str] = Field(default_factory=dict, description="output name -> URI")
     metrics: dict[str, float] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict, description="typed values the flows read (StageOutput.extra)")
     lineage: dict[str, Any] = Field(default_factory=dict)
     mlflow_run_id: str | None = None
     seconds: float = 0.0
@@ -88,10 +178,3 @@ class Launcher(abc.ABC):
 
         Raises `JobFailed` (with the last log lines) on a non-zero exit, a timeout or a cancellation.
         """
-
-
-# Exit codes of `moeflow-job` (the Kubernetes podFailurePolicy fails the Job fast on the last two).
-EXIT_OK = 0
-EXIT_FAILED = 1  # crash or lost resources: worth retrying
-EXIT_BAD_INPUT = 3  # invalid config or data: retrying cannot help
-EXIT_DIVERGED = 4  # non-finite loss or gradients beyond the allowed skips

@@ -1,16 +1,14 @@
 """Models by reference: resolve, load, and trace what it cost to make them.
 
 A model reference is one of
-- a published model directory written by ``components.training.checkpoint.save_model`` (the ``model``
+- a published model directory written by ``components.refs.checkpoint.save_model`` (the ``model``
   output of pretraining, RL or distillation) or one of their checkpoints (``.../checkpoints/step_N``);
 - a stage output root holding ``RESULT.json`` (its model output is used);
 - a release directory in Hugging Face format (``config.json`` with ``model_type: deepseek_v3``);
 - an MLflow Model Registry reference ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the model version's
   tag ``moeflow.model_uri`` names the release directory.
 
-``lineage_cost`` follows ``RESULT.json`` files up the lineage (each stage's inputs) and adds up the
-device-hours and cost of every stage that made the model: the pretraining ledger's ``device_hours`` /
-``cost_usd`` when a stage reports them, else its wall-clock seconds on its devices (flagged estimated).
+Where a model came from (its lineage, and what making it cost) is ``components.refs.lineage``.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from infra import storage
-from infra.stages import JOB_CONFIG_NAME, RESULT_NAME, ConfigError
+from infra.contract import RESULT_NAME, ConfigError
 
 REGISTRY_PREFIX = "models:/"
 MODEL_URI_TAG = "moeflow.model_uri"
@@ -90,13 +88,15 @@ class LoadedModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def local_dir(uri: str) -> Path:
-    """A local, verified copy of a published directory (in place when local), or a plain local path."""
+def local_dir(uri: str, field: str | None = None) -> Path:
+    """A local, verified copy of a published directory (in place when local), or a plain local directory.
+    Anything else is a ConfigError, naming the config `field` the URI came from when given."""
     if storage.is_published(uri):
         return storage.fetch_dir(uri)
     path = Path(uri.removeprefix("file://"))
     if storage.is_remote(uri) or not path.is_dir():
-        raise ConfigError(f"{uri}: not a published model directory")
+        raise ConfigError(f"{field}: {uri} is not a published directory" if field
+                          else f"{uri}: not a published model directory")
     return path
 
 
@@ -110,6 +110,8 @@ def load_model_ref(uri: str) -> LoadedModel:
         raise ConfigError(f"{uri}: no config.json; not a model directory")
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():  # a training checkpoint: the tokenizer is its dataset's
+        from components.refs.lineage import lineage_dataset
+
         dataset = lineage_dataset(uri)
         tok_file = local_dir(dataset) / "tokenizer.json" if dataset else tok_file
         if not tok_file.is_file():
@@ -121,7 +123,7 @@ def load_model_ref(uri: str) -> LoadedModel:
         model = load_pretrained(path)
         kind = "hf"
     else:
-        from components.training.checkpoint import load_model
+        from components.refs.checkpoint import load_model
 
         model, _ = load_model(path)
         kind = "moeflow"
@@ -130,92 +132,3 @@ def load_model_ref(uri: str) -> LoadedModel:
     meta = dict(getattr(manifest, "meta", None) or {})
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, cfg=model.cfg, path=path, kind=kind, meta=meta,
                        tokenizer_file=tok_file)
-
-
-def _parent(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0]
-
-
-def stage_result_of(uri: str) -> dict[str, Any] | None:
-    """The RESULT.json of the stage that published ``uri`` (looked up in its parent directories)."""
-    probe = uri.rstrip("/")
-    for _ in range(3):  # <out>/model, <out>/checkpoints/step_N
-        probe = _parent(probe)
-        if not probe or probe.endswith(":/") or probe.endswith(":"):
-            return None
-        candidate = storage.join_uri(probe, RESULT_NAME)
-        if storage.exists(candidate):
-            return storage.read_json(candidate)
-    return None
-
-
-def lineage_cost(uri: str, *, price_per_device_hour: float = 2.0, max_depth: int = 8) -> dict[str, Any]:
-    """Device-hours and cost of every stage in the lineage of ``uri`` (each stage counted once).
-
-    Returns ``{"device_hours", "cost_usd", "estimated": bool, "stages": [{"stage", "key", "device_hours",
-    "cost_usd", "source"}]}``; ``source`` is "ledger" (the stage reported device_hours/cost_usd) or
-    "seconds" (wall-clock seconds x devices, priced at ``price_per_device_hour``).
-    """
-    seen: set[str] = set()
-    stages: list[dict[str, Any]] = []
-
-    def visit(u: str, depth: int) -> None:
-        if depth > max_depth:
-            return
-        result = stage_result_of(u)
-        if result is None:
-            return
-        lineage = result.get("lineage") or {}
-        key = str(lineage.get("key") or result.get("stage"))
-        if key in seen:
-            return
-        seen.add(key)
-        m = result.get("metrics") or {}
-        if "device_hours" in m:
-            hours, source = float(m["device_hours"]), "ledger"
-            cost = float(m.get("cost_usd", hours * price_per_device_hour))
-        else:
-            devices = int((lineage.get("config") or {}).get("resources", {}).get("procs_per_node", 1) or 1)
-            hours, source = float(result.get("seconds") or 0.0) * devices / 3600.0, "seconds"
-            cost = hours * price_per_device_hour
-        stages.append({"stage": result.get("stage"), "key": key[:16], "device_hours": hours, "cost_usd": cost,
-                       "source": source})
-        for inp in (lineage.get("inputs") or {}).values():
-            if isinstance(inp, dict) and inp.get("uri"):
-                visit(inp["uri"], depth + 1)
-
-    visit(uri, 0)
-    return {"device_hours": sum(s["device_hours"] for s in stages), "cost_usd": sum(s["cost_usd"] for s in stages),
-            "estimated": any(s["source"] == "seconds" for s in stages), "stages": stages}
-
-
-def stage_inputs_of(uri: str) -> dict[str, str]:
-    """{input name: URI} of the stage that wrote ``uri``: from its RESULT.json, or, while the stage still
-    runs (a checkpoint of an unfinished run), from its job config."""
-    result = stage_result_of(uri)
-    if result is not None:
-        inputs = (result.get("lineage") or {}).get("inputs") or {}
-        return {n: i["uri"] for n, i in inputs.items() if isinstance(i, dict) and i.get("uri")}
-    probe = uri.rstrip("/")
-    for _ in range(3):
-        probe = _parent(probe)
-        if not probe or probe.endswith(":/") or probe.endswith(":"):
-            break
-        candidate = storage.join_uri(probe, JOB_CONFIG_NAME)
-        if storage.exists(candidate):
-            return dict(storage.read_json(candidate).get("inputs") or {})
-    return {}
-
-
-def lineage_dataset(uri: str, max_depth: int = 8) -> str | None:
-    """The prepared dataset a model descends from (the first ``dataset`` input up its lineage)."""
-    frontier, depth = [uri], 0
-    while frontier and depth <= max_depth:
-        nxt = []
-        for u in frontier:
-            inputs = stage_inputs_of(u)
-            if inputs.get("dataset"):
-                return inputs["dataset"]
-            nxt.extend(inputs.values())
-        frontier, depth = nxt, depth + 1
-    return None

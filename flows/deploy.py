@@ -9,7 +9,6 @@ parameter schema Prefect shows as a form is the flow's own typed signature.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -17,9 +16,12 @@ from typing import Any
 
 import yaml
 
+import infra
+from flows.registry import load_flow
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
-BASE_JOB_TEMPLATE = Path(__file__).resolve().parent / "k8s" / "base-job-template.json"
+BASE_JOB_TEMPLATE = Path(infra.__file__).resolve().parent / "k8s" / "base-job-template.json"
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +34,6 @@ def load_entries(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
     if len(set(names)) != len(names) or not all(names):
         raise ValueError(f"{path}: every deployment needs a unique name, got {names}")
     return entries
-
-
-def load_flow(entrypoint: str) -> Any:
-    """`flows/prep.py:prep_flow` -> the flow object (imported as a module of the installed package)."""
-    file, _, attr = entrypoint.partition(":")
-    module = file.removesuffix(".py").replace("/", ".")
-    return getattr(importlib.import_module(module), attr)
 
 
 def _schedules(entry: dict[str, Any]) -> list[Any]:

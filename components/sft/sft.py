@@ -22,7 +22,7 @@ Agarwal et al. 2024). ``D`` is ``kernels.fused_linear_distill_loss``: chunked ov
 vocabulary logits of the two models are never held at once.
 
 Optimisation: AdamW (decoupled weight decay on matrices only) and the learning-rate schedules of
-pretraining (``components.training.schedule``), gradient clipping. MoE students get their aux-loss-free
+pretraining (``components.common.schedule``), gradient clipping. MoE students get their aux-loss-free
 bias update every step.
 Resume: ``checkpoint(step, state)`` is called every ``ckpt_every`` steps and at the end with
 ``training_state()``; pass that dict back as ``resume`` to continue bit-for-bit on the same data order.
@@ -41,8 +41,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import kernels
-from components.training.config import OptimConfig, ScheduleConfig
-from components.training.schedule import build_scheduler
+from components.common.config import OptimConfig, ScheduleConfig
+from components.common.schedule import build_scheduler
+from components.model.tokens import encode_texts, special_ids
+from infra.contract import TrainingDiverged
 
 IGNORE_INDEX = -100
 
@@ -94,17 +96,6 @@ class DistillLossConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------- tokenizing
-def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens (a `tokenizers.Tokenizer` or a transformers one)."""
-    if hasattr(tokenizer, "encode_batch"):
-        return [list(e.ids) for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-    out = []
-    for t in texts:
-        e = tokenizer.encode(t, add_special_tokens=False)
-        out.append(list(getattr(e, "ids", e)))
-    return out
-
-
 @dataclass
 class Sequenced:
     """One example as tokens: ``tokens[i + 1]`` is trained on iff ``train_mask[i + 1]``."""
@@ -235,12 +226,6 @@ def total_steps(n_rows: int, cfg: SFTConfig) -> int:
 
 
 # -------------------------------------------------------------------------------------------- losses
-class TrainingDiverged(RuntimeError):
-    """Non-finite loss or gradient norm; the job exits with code 4 (not retried)."""
-
-    exit_code = 4
-
-
 def _kd_loss(model, teacher, inputs, labels, dcfg: DistillLossConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (divergence over the trained tokens, the student's hidden states (B, T, D))."""
     h_s = model.hidden_states(inputs)
@@ -285,14 +270,6 @@ def student_samples(model, tokenizer, prompts: Sequence[str], dcfg: DistillLossC
 
 
 # ---------------------------------------------------------------------------------------- the loop
-def special_ids(model) -> tuple[int | None, int | None, int]:
-    """(bos, eos, pad) of the model config; pad falls back to eos (padding is never trained on)."""
-    cfg = model.cfg
-    eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos if eos is not None else 0)
-    return cfg.bos_token_id, eos, pad
-
-
 def sft_train(
     model: torch.nn.Module,
     tokenizer: Any,

@@ -9,7 +9,6 @@ stdout. Bad input exits non-zero with a message naming the field or file:line.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -19,11 +18,11 @@ from typing import Any
 
 import yaml
 
+from flows import registry
 from infra.configfile import apply_overrides, load_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
-STAGE_COMMANDS = ("prep", "pretrain", "rl", "distill", "eval")
 
 
 class CliError(Exception):
@@ -83,13 +82,13 @@ def emit(result: dict[str, Any], as_json: bool, human: str) -> None:
 
 # ---- commands ------------------------------------------------------------------------------------
 def cmd_stage(stage: str, args: argparse.Namespace) -> int:
-    from infra.stages import cached_result, plan_stage
+    from infra.plan import cached_result
 
     cfg = stage_config(args.config, stage, args.set)
     t0 = time.time()
-    plan = plan_stage(stage, cfg, source=args.config)
+    plan = registry.get(stage).plan(cfg, source=args.config)
     cached = cached_result(plan)
-    flows = importlib.import_module(f"flows.{stage}")
+    flows = registry.get(stage).flow_module
     if cached is not None:
         # Fully cached: no need to start an orchestrator to learn what we already know.
         print(f"[{stage}] cached: {plan.output_uri}", file=sys.stderr)
@@ -140,8 +139,8 @@ def model_config_section(data: dict[str, Any]) -> dict[str, Any]:
 def cmd_model_info(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from components.common.config import resolve_model
     from components.model import ModelConfig, format_info, model_info
-    from components.training.config import resolve_model
 
     data = apply_overrides(dict(model_config_section(load_yaml(args.config))), args.set)
     try:
@@ -158,7 +157,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_model_export(args: argparse.Namespace) -> int:
     from components.model import export_hf
-    from components.training.checkpoint import load_model
+    from components.refs.checkpoint import load_model
     from infra import storage
 
     model_dir = storage.fetch_dir(args.checkpoint)  # verified once; weights and tokenizer come from it
@@ -191,7 +190,7 @@ def cmd_release_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from infra.deploy import deploy_all
+    from flows.deploy import deploy_all
     from infra.settings import get_settings
 
     if not os.environ.get("PREFECT_API_URL"):
@@ -205,7 +204,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from infra.deploy import serve_all
+    from flows.deploy import serve_all
 
     if not os.environ.get("PREFECT_API_URL"):
         raise CliError("moeflow serve needs a Prefect server to register with: set MOEFLOW_PREFECT_API_URL, "
@@ -224,7 +223,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.no_serve:
             services.wait()
         else:
-            from infra.deploy import serve_all
+            from flows.deploy import serve_all
 
             serve_all()
     return 0
@@ -240,10 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value (dotted key, YAML value); repeatable")
         p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
 
-    for stage in STAGE_COMMANDS:
-        p = sub.add_parser(stage, help=f"run the {stage} stage")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for stage in registry.PIPELINE:  # `moeflow prep`, ..., `moeflow release run`
+        *group, word = stage.command
+        parent = sub
+        if group:
+            if group[0] not in groups:
+                groups[group[0]] = sub.add_parser(group[0], help=f"{group[0]} commands").add_subparsers(
+                    dest=f"{group[0]}_command", required=True)
+            parent = groups[group[0]]
+        p = parent.add_parser(word, help=stage.help)
         common(p)
-        p.set_defaults(func=lambda a, s=stage: cmd_stage(s, a))
+        p.set_defaults(func=lambda a, s=stage.name: cmd_stage(s, a))
 
     p = sub.add_parser("pipeline", help="the whole lifecycle: prep, pretrain, RL, distill, eval, release")
     p.add_argument("--preset", help="preset name in configs/ (e.g. tiny)")
@@ -264,18 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     k8s = sub.add_parser("k8s", help="Kubernetes jobs").add_subparsers(dest="k8s_command", required=True)
     p = k8s.add_parser("render", help="print the manifests a stage would run as")
-    p.add_argument("--stage", required=True, choices=sorted({*STAGE_COMMANDS, "release"}))
+    p.add_argument("--stage", required=True, choices=list(registry.STAGES))
     p.add_argument("--config", required=True, help="preset or config YAML file")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per node")
     p.add_argument("--nodes", type=int, default=None, help="nodes (> 1: Indexed Job + headless Service)")
     p.set_defaults(func=cmd_k8s_render)
 
-    release = sub.add_parser("release", help="model releases").add_subparsers(dest="release_command",
-                                                                               required=True)
-    p = release.add_parser("run", help="package, publish, register and (if the gate passes) promote a model")
-    common(p)
-    p.set_defaults(func=lambda a: cmd_stage("release", a))
-    p = release.add_parser("verify", help="check every SHA-256 and the logits against transformers")
+    p = groups["release"].add_parser("verify", help="check every SHA-256 and the logits against transformers")
     p.add_argument("uri", help="release directory URI (local or s3://)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_release_verify)
@@ -301,8 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     args = build_parser().parse_args(argv)
-    from infra.jobs import JobFailed
-    from infra.stages import ConfigError
+    from infra.contract import ConfigError, JobFailed
 
     try:
         return int(args.func(args) or 0)

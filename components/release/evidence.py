@@ -1,9 +1,6 @@
-"""What a release says about where its model came from: the lineage chain, the efficiency ledger, and
-the evaluation metrics.
+"""What a release says about its model beyond the lineage chain (``components.refs.lineage``): the
+efficiency ledger and the evaluation metrics.
 
-- ``lineage_chain(uri)`` walks up from the model: each published output's manifest carries its stage's
-  lineage (inputs with URIs and hashes, git commit, config, MLflow run id, Prefect flow-run id), and the
-  stage's ``RESULT.json`` beside it carries its metrics and duration. Every ancestor appears once.
 - ``efficiency_ledger(chain)`` reads the pretraining stage's ledger (tokens, FLOPs, device-hours, cost, MFU)
   and what every other stage reports; nothing is estimated or invented: absent numbers stay absent.
 - ``load_evaluation(...)`` picks the released model's row out of an evaluation report and flattens it
@@ -14,11 +11,11 @@ the evaluation metrics.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
+from components.refs.lineage import norm_uri
 from infra import storage
-from infra.stages import RESULT_NAME, ConfigError
+from infra.contract import RESULT_NAME, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,95 +26,6 @@ PRETRAIN_LEDGER_METRICS = ("tokens", "flops", "device_hours", "cost_usd", "token
 PRETRAIN_LEDGER_EXTRA = ("flops_per_token", "devices", "device", "price_per_device_hour",
                          "device_hours_per_trillion_tokens", "mtp_params", "peak_flops_per_device", "peak_source")
 REPORT_NAME = "report.json"
-
-
-def norm_uri(uri: str) -> str:
-    """A comparable form of a URI: local paths absolute, no `file://`, no trailing slash."""
-    uri = str(uri).rstrip("/")
-    if storage.is_remote(uri):
-        return uri
-    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
-
-
-def _manifest(uri: str) -> storage.Manifest | None:
-    try:
-        return storage.read_manifest(uri)
-    except (storage.StorageError, OSError):
-        return None
-
-
-def _stage_result(uri: str) -> dict[str, Any] | None:
-    from components.eval.models import stage_result_of
-
-    try:
-        return stage_result_of(uri)
-    except (storage.StorageError, OSError, ValueError):
-        return None
-
-
-def _current_hash(uri: str) -> str | None:
-    from infra.stages import content_hash
-
-    try:
-        return content_hash(uri)
-    except (ConfigError, storage.StorageError, OSError):
-        return None
-
-
-def describe_output(uri: str, recorded_hash: str | None = None) -> dict[str, Any]:
-    """One link of the chain: the output at `uri`, its hash, and the stage that made it."""
-    manifest = _manifest(uri)
-    meta = dict(manifest.meta) if manifest is not None else {}
-    result = _stage_result(uri) if manifest is not None else None
-    lineage = meta.get("lineage") or (result or {}).get("lineage") or {}
-    current = ("manifest:" + manifest.digest()) if manifest is not None else _current_hash(uri)
-    inputs = {}
-    for name, inp in sorted((lineage.get("inputs") or {}).items()):
-        if isinstance(inp, dict):
-            inputs[name] = {"uri": inp.get("uri"), "hash": inp.get("hash")}
-    entry: dict[str, Any] = {
-        "uri": uri,
-        "kind": meta.get("kind") or ("file" if manifest is None else None),
-        "hash": current,
-        "hash_matches_lineage": None if recorded_hash is None or current is None else recorded_hash == current,
-        "stage": lineage.get("stage") or (result or {}).get("stage"),
-        "key": lineage.get("key"),
-        "git_commit": lineage.get("git_commit"),
-        "mlflow_run_id": lineage.get("mlflow_run_id") or (result or {}).get("mlflow_run_id"),
-        "parent_mlflow_run_id": lineage.get("parent_mlflow_run_id"),
-        "prefect_flow_run_id": lineage.get("prefect_flow_run_id"),
-        "inputs": inputs,
-        "metrics": dict((result or {}).get("metrics") or {}),
-        "seconds": (result or {}).get("seconds"),
-    }
-    if entry["stage"] == "pretrain" and manifest is not None and "training.json" in manifest.files:
-        try:
-            training = storage.read_json(storage.join_uri(uri, "training.json"))
-            entry["ledger"] = dict(training.get("ledger") or {})
-        except (storage.StorageError, OSError, AttributeError) as exc:
-            log.warning("%s: unreadable training.json: %s", uri, exc)
-    return entry
-
-
-def lineage_chain(uri: str, *, max_depth: int = 16) -> list[dict[str, Any]]:
-    """Every output `uri` descends from, `uri` first, breadth-first, each once (see `describe_output`)."""
-    chain: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    frontier: list[tuple[str, str | None]] = [(uri, None)]
-    for _ in range(max_depth + 1):
-        nxt: list[tuple[str, str | None]] = []
-        for u, recorded in frontier:
-            k = norm_uri(u)
-            if k in seen:
-                continue
-            seen.add(k)
-            entry = describe_output(u, recorded)
-            chain.append(entry)
-            nxt.extend((inp["uri"], inp.get("hash")) for inp in entry["inputs"].values() if inp.get("uri"))
-        frontier = nxt
-        if not frontier:
-            break
-    return chain
 
 
 def efficiency_ledger(chain: list[dict[str, Any]]) -> dict[str, Any]:
@@ -237,7 +145,7 @@ def load_evaluation(report_uri: str | None, *, model_uris: list[str], row_name: 
         evaluation.update(metrics=metrics, sources=dict.fromkeys(metrics, "report"), report_uri=where,
                           row=row.get("name"), evaluated_uri=row.get("uri"), settings=report.get("settings"),
                           suite=report.get("suite"), by_family=row.get("by_family") or {})
-    from .config import metric_key
+    from infra.tracking import metric_key
 
     for k, v in (explicit or {}).items():  # a given metric replaces the report's of the same name
         name = next((r for r in evaluation["metrics"] if metric_key(r) == metric_key(k)), k)

@@ -1,61 +1,34 @@
-"""Stages: the registry, content addressing, and the job config that travels by URI.
-
-A stage is a module in `components/` exposing
-- `Config`: a pydantic model (the stage's typed config; the Prefect UI renders it as a form),
-- `input_uris(cfg) -> dict[str, str]`: the URIs the stage reads (their content hashes enter its key),
-- `run(cfg, ctx: StageContext) -> StageOutput`: the work itself, publishing outputs under
-  `ctx.output_uri`.
+"""Content addressing: validate a stage's config, hash its inputs, derive where it writes, find a cached run.
 
 The output location of a stage run is derived from the hash of its config and its inputs' hashes, so
 running the same thing twice finds the first result (`RESULT.json`, written last) and returns at once.
+The stage itself arrives as a `StageImpl` (its `Config` and `input_uris`), handed in by the top layer's
+registry: nothing here imports a stage.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from infra import storage
-from infra.jobs import StageResult
+from infra.contract import JOB_CONFIG_NAME, RESULT_NAME, ConfigError, StageImpl, StageResult
 from infra.settings import Settings, get_settings
 
-STAGES: dict[str, str] = {
-    "prep": "components.data.stage",
-    "pretrain": "components.training.stage",
-    "rl": "components.rl.stage",
-    "distill": "components.distill.stage",
-    "eval": "components.eval.stage",
-    "release": "components.release.stage",
-}
-RESULT_NAME = "RESULT.json"
-JOB_CONFIG_NAME = "job.json"
-KEY_VERSION = "1"  # bump when the meaning of stage outputs changes incompatibly
+KEY_VERSION = "2"  # bump when the meaning of stage outputs changes incompatibly (2: RESULT.json carries `extra`)
 
 
-class ConfigError(ValueError):
-    """Bad user input in a config: the message names the field (or file:line) and what to change."""
-
-
-def stage_module(stage: str) -> ModuleType:
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; known stages: {', '.join(STAGES)}")
-    return importlib.import_module(STAGES[stage])
-
-
-def validate_config(stage: str, data: dict[str, Any], *, source: str = "config") -> BaseModel:
-    """Validate a stage config; errors name each offending field (`source: field.path: message`)."""
-    mod = stage_module(stage)
+def validate_config(stage: str, config_class: type[BaseModel], data: dict[str, Any], *,
+                    source: str = "config") -> BaseModel:
+    """Validate a stage config; errors name each offending field (`source: stage.field.path: message`)."""
     try:
-        return mod.Config.model_validate(data)
+        return config_class.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -123,12 +96,12 @@ class StagePlan:
         return f"moeflow-{self.stage}-{self.key[:10]}"
 
 
-def plan_stage(stage: str, data: dict[str, Any], settings: Settings | None = None,
+def plan_stage(stage: str, impl: StageImpl, data: dict[str, Any], settings: Settings | None = None,
                *, source: str = "config") -> StagePlan:
     """Validate the config, hash its inputs and derive the content-addressed output location."""
     settings = settings or get_settings()
-    cfg = validate_config(stage, data, source=source)
-    inputs = dict(stage_module(stage).input_uris(cfg))
+    cfg = validate_config(stage, impl.Config, data, source=source)
+    inputs = dict(impl.input_uris(cfg))
     hashes = {name: content_hash(uri) for name, uri in sorted(inputs.items())}
     key = stage_key(stage, cfg, hashes)
     out = storage.join_uri(settings.store_uri, stage, key[:16])
@@ -144,43 +117,6 @@ def cached_result(plan: StagePlan) -> StageResult | None:
         if not storage.is_published(uri):
             return None
     return result.model_copy(update={"cached": True, "seconds": 0.0})
-
-
-@dataclass
-class StageOutput:
-    """What `run()` returns: output URIs (each published) and headline metrics."""
-
-    outputs: dict[str, str]
-    metrics: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class StageContext:
-    """What a running stage gets from the platform."""
-
-    stage: str
-    output_uri: str
-    workdir: Path
-    tracker: Any  # infra.tracking.Tracker on rank 0, a no-op tracker elsewhere
-    lineage: dict[str, Any]
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    settings: Settings = field(default_factory=get_settings)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-class NullTracker:
-    """Tracker for ranks other than 0: every call is a no-op."""
-
-    run_id: str | None = None
-
-    def __getattr__(self, name: str):
-        return lambda *a, **k: None
 
 
 def job_payload(plan: StagePlan, *, parent_run_id: str | None, flow_run_id: str | None) -> dict[str, Any]:
@@ -201,7 +137,3 @@ def dns_label(text: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-")[:63]
 
 
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 outside torchrun)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))

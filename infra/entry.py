@@ -1,4 +1,5 @@
-"""`moeflow-job <stage> --config URI`: the one container/process entry point of every stage.
+"""The job process: what `moeflow-job <stage> --config URI`, the one container/process entry point of every
+stage, does once the top layer's registry has found the stage (`flows/job.py` wires the two).
 
 Reads the job config by URI, validates it, opens a child MLflow run (rank 0), runs the stage from
 `components/`, and writes the StageResult to `<output>/RESULT.json` last. Exit codes: 0 success,
@@ -9,25 +10,29 @@ Reads the job config by URI, validates it, opens a child MLflow run (rank 0), ru
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from infra import storage
-from infra.jobs import EXIT_BAD_INPUT, EXIT_FAILED, StageResult
-from infra.settings import get_settings
-from infra.stages import (
+from infra.contract import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
     ConfigError,
     NullTracker,
     StageContext,
+    StageImpl,
+    StageResult,
     dist_env,
-    stage_module,
-    validate_config,
 )
+from infra.plan import validate_config
+from infra.settings import get_settings
 from infra.tracking import create_run, git_commit
 
 log = logging.getLogger("moeflow.job")
@@ -46,12 +51,11 @@ def exit_code_for(exc: BaseException) -> int:
     return int(getattr(exc, "exit_code", EXIT_FAILED))
 
 
-def run_job(stage: str, payload: dict[str, Any]) -> StageResult:
+def run_job(stage: str, impl: StageImpl, payload: dict[str, Any]) -> StageResult:
     """Run one stage in this process (also used in-process by tests)."""
     settings = get_settings()
     rank, world, local_rank = dist_env()
-    mod = stage_module(stage)
-    cfg = validate_config(stage, payload["config"])
+    cfg = validate_config(stage, impl.Config, payload["config"])
     lineage = {
         "stage": stage,
         "key": payload["key"],
@@ -71,13 +75,16 @@ def run_job(stage: str, payload: dict[str, Any]) -> StageResult:
         lineage["mlflow_run_id"] = tracker.run_id
         tracker.log_params(payload["config"])
     ctx = StageContext(stage=stage, output_uri=payload["output_uri"], workdir=workdir, tracker=tracker,
-                       lineage=lineage, rank=rank, world_size=world, local_rank=local_rank, settings=settings)
+                       lineage=lineage, inputs=dict(payload["inputs"]), rank=rank, world_size=world,
+                       local_rank=local_rank, settings=settings)
     t0 = time.time()
     status = "FAILED"
     try:
-        out = mod.run(cfg, ctx)
+        out = impl.run(cfg, ctx)
         seconds = time.time() - t0
-        result = StageResult(stage=stage, outputs=out.outputs, metrics=out.metrics, lineage=lineage,
+        # `extra` as JSON gives it back: a cached result reads exactly what a fresh run returned
+        extra = json.loads(json.dumps(out.extra, default=str))
+        result = StageResult(stage=stage, outputs=out.outputs, metrics=out.metrics, extra=extra, lineage=lineage,
                              mlflow_run_id=tracker.run_id, seconds=seconds)
         if rank == 0:
             tracker.log_metrics({"stage_seconds": seconds})
@@ -93,8 +100,9 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
+def main(argv: list[str] | None, resolve: Callable[[str], StageImpl]) -> int:
+    """`moeflow-job`'s body; `resolve(stage)` gives the stage's implementation (the registry's lookup)."""
+    code = _main(argv, resolve)
     # Under torchrun the agent exits 1 whenever a worker fails; the Kubernetes wrapper reads the worker's
     # own code from this file so the Job's failure policy can still tell bad input (3) from a crash (1).
     if code and os.environ.get("MOEFLOW_EXIT_CODE_FILE"):
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None, resolve: Callable[[str], StageImpl]) -> int:
     parser = argparse.ArgumentParser(prog="moeflow-job", description=__doc__.splitlines()[0])
     parser.add_argument("stage", help="stage to run")
     parser.add_argument("--config", required=True, help="URI of the job config JSON")
@@ -115,7 +123,7 @@ def _main(argv: list[str] | None = None) -> int:
         payload = storage.read_json(args.config)
         if payload.get("stage") != args.stage:
             raise ConfigError(f"{args.config}: job config is for stage {payload.get('stage')!r}, not {args.stage!r}")
-        result = run_job(args.stage, payload)
+        result = run_job(args.stage, resolve(args.stage), payload)
     except KeyboardInterrupt:
         log.error("stage %s interrupted", args.stage)
         return 130
@@ -128,7 +136,3 @@ def _main(argv: list[str] | None = None) -> int:
         return code
     log.info("stage %s finished in %.1fs: %s", args.stage, result.seconds, result.outputs)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ answers, drop duplicates) and distills students on it. The published dataset dir
     stats.json     problems, samples, kept traces, per-family counts, verifier outcomes, sampling settings
     MANIFEST.json  written last by `infra.storage.publish_dir`
 
-`components.distill.sft.sft_train(model, tokenizer, load_traces(uri), cfg)` trains on it directly.
+`components.sft.sft.sft_train(model, tokenizer, load_traces(uri), cfg)` trains on it directly.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def rejection_sample(
     at `</answer>`; a completion cut at the length limit is never kept. Deterministic for a given model,
     problems, arguments and seed (each batch has its own seed).
     """
-    from components.rl.trainer import encode_prompts, token_id
+    from components.model.tokens import encode_prompts, token_id
 
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")

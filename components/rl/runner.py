@@ -3,14 +3,14 @@ evaluation, checkpoints/resume and the published policy.
 
 Outputs under the stage's content-addressed location::
 
-    model/        the policy (`components.training.checkpoint.save_model` layout: loads with `load_model`)
+    model/        the policy (`components.refs.checkpoint.save_model` layout: loads with `load_model`)
     report/       summary.json (metrics, evaluations, reward curve), history.json (per-step metrics),
                   samples.json (sample completions per interval), reward_curve.png
     cold_start/   r1 only: the model after the cold-start SFT (also what a restarted run resumes from)
     traces/       with rejection.enabled: verified-correct completions as an SFT dataset
     checkpoints/  step_XXXXXXX/ every `checkpoint.every` steps; a retried job resumes from the newest
 
-Held-out accuracy is `components.eval.evaluate.evaluate`'s pass@1 on the first `eval.n_problems` problems
+Held-out accuracy is `components.scoring.evaluate.evaluate`'s pass@1 on the first `eval.n_problems` problems
 of the dataset's `eval/<family>.jsonl`, with the same seed at every evaluation, so the numbers before and
 after RL differ only by the model.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,39 +26,25 @@ from typing import Any
 
 import torch
 
+from components.common.system import available_cores
+from components.dataset.format import eval_problem_ids
+from components.refs import checkpoint as ckpt
+from components.refs.models import local_dir
 from components.rl import report
 from components.rl.config import RLConfig
 from components.rl.trainer import GRPOTrainer, reference_copy, warm_rope
 from components.tasks import Problem, make_split
-from components.training import checkpoint as ckpt
 from infra import storage
-from infra.stages import ConfigError, StageContext, StageOutput
+from infra.contract import ConfigError, StageContext, StageOutput
 
 log = logging.getLogger("moeflow.rl")
 
 MODEL_DIR, REPORT_DIR, COLD_START_DIR, TRACES_DIR = "model", "report", "cold_start", "traces"
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def local_dir(uri: str, what: str) -> Path:
-    """A verified local copy of a published directory, or a plain local directory."""
-    if storage.is_published(uri):
-        return storage.fetch_dir(uri)
-    path = Path(uri.removeprefix("file://"))
-    if storage.is_remote(uri) or not path.is_dir():
-        raise ConfigError(f"rl.{what}: {uri} is not a published directory")
-    return path
-
-
 # ------------------------------------------------------------------------------------------ problems
 def heldout_problems(dataset_dir: Path, family: str, n: int) -> list[Problem]:
-    from components.data.format import DatasetFormatError, load_eval_split
+    from components.dataset.format import DatasetFormatError, load_eval_split
 
     try:
         rows = load_eval_split(dataset_dir, family)
@@ -68,20 +53,10 @@ def heldout_problems(dataset_dir: Path, family: str, n: int) -> list[Problem]:
     return [Problem.from_dict(r) for r in rows[:n]]
 
 
-def all_eval_ids(dataset_dir: Path) -> set[str]:
-    """Ids of every held-out problem of the dataset (never used as RL prompts or training traces)."""
-    from components.data.format import load_dataset_meta, load_eval_split
-
-    ids: set[str] = set()
-    for family in load_dataset_meta(dataset_dir).get("eval", {}):
-        ids.update(r["id"] for r in load_eval_split(dataset_dir, family))
-    return ids
-
-
 def with_dataset_knobs(cfg: RLConfig, dataset_dir: Path) -> RLConfig:
     """RL prompts are drawn like the dataset's held-out problems: the dataset's task knobs, unless
     `rl.tasks.knobs` sets a family's own."""
-    from components.data.format import load_dataset_meta
+    from components.dataset.format import load_dataset_meta
 
     knobs = (load_dataset_meta(dataset_dir).get("tasks") or {}).get("knobs", {})
     merged = {**knobs, **cfg.tasks.knobs}
@@ -121,7 +96,7 @@ def rejection_problems(cfg: RLConfig, exclude: set[str]) -> list[Problem]:
 
 def cold_start_examples(cfg: RLConfig, exclude: set[str]) -> list[dict[str, str]]:
     """R1's cold-start data: worked, correct, formatted solutions of fresh problems, plus given traces."""
-    from components.rl.rejection import load_traces
+    from components.sft.traces import load_traces
 
     examples: list[dict[str, str]] = []
     cs = cfg.cold_start
@@ -158,8 +133,8 @@ class RLRun:
 
     # --- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, step: int, label: str) -> dict[str, float]:
-        from components.eval.evaluate import evaluate
-        from components.eval.report import metric_key
+        from components.scoring.evaluate import evaluate
+        from infra.tracking import metric_key
 
         e = self.cfg.eval
         t0 = time.perf_counter()
@@ -179,11 +154,11 @@ class RLRun:
 
     # --- setup --------------------------------------------------------------------------------------
     def load(self) -> None:
-        from components.data.format import load_tokenizer
+        from components.dataset.format import load_tokenizer
 
         cfg = self.cfg
-        self.model_dir = local_dir(self.inputs["model"], "model")
-        self.dataset_dir = local_dir(self.inputs["dataset"], "dataset")
+        self.model_dir = local_dir(self.inputs["model"], "rl.model")
+        self.dataset_dir = local_dir(self.inputs["dataset"], "rl.dataset")
         try:
             self.model, self.model_cfg = ckpt.load_model(self.model_dir)
         except (FileNotFoundError, ValueError) as exc:
@@ -192,7 +167,7 @@ class RLRun:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.cfg = cfg = with_dataset_knobs(cfg, self.dataset_dir)
         self.heldout = heldout_problems(self.dataset_dir, cfg.eval.family, cfg.eval.n_problems)
-        self.exclude = all_eval_ids(self.dataset_dir)
+        self.exclude = eval_problem_ids(self.dataset_dir)
         self.pool = prompt_pool(cfg, self.exclude)
         self.rejection_problems = rejection_problems(cfg, self.exclude | {p.id for p in self.pool})
         longest = max(len(self.tokenizer.encode(p.prompt).ids) for p in self.pool[:200])
@@ -200,12 +175,12 @@ class RLRun:
         if longest + cfg.rewards.max_completion_len > limit:
             raise ConfigError(f"rl.rewards.max_completion_len ({cfg.rewards.max_completion_len}) + prompts of "
                               f"{longest} tokens exceed the model's max_position_embeddings ({limit}); lower it")
-        self.log("RL (%s) on %s: %d prompts (%s), held-out %d %s problems", cfg.pipeline, self.inputs["model"],
+        self.log("RL (%s) on %s: %d prompts (%s), held-out %d %s problems", cfg.recipe, self.inputs["model"],
                  len(self.pool), ", ".join(cfg.tasks.families), len(self.heldout), cfg.eval.family)
 
     def cold_start(self) -> None:
         """R1: SFT on formatted traces (or load its published result when a retried job finds it)."""
-        from components.distill.sft import sft_train
+        from components.sft.sft import sft_train
 
         uri = storage.join_uri(self.ctx.output_uri, COLD_START_DIR)
         if storage.is_published(uri):
@@ -277,10 +252,10 @@ class RLRun:
                                   samples=cfg.samples)
             if not self.restore(trainer):
                 self.evaluate(self.model, 0, "base")
-                if cfg.pipeline == "r1":
+                if cfg.recipe == "r1":
                     self.cold_start()
             if cfg.grpo.beta > 0:  # the reference is the policy RL started from: the base or the cold start
-                start_uri = (storage.join_uri(ctx.output_uri, COLD_START_DIR) if cfg.pipeline == "r1"
+                start_uri = (storage.join_uri(ctx.output_uri, COLD_START_DIR) if cfg.recipe == "r1"
                              else self.inputs["model"])
                 trainer.set_reference(reference_copy(ckpt.load_model(start_uri)[0]))
             self.train(trainer)
@@ -343,7 +318,7 @@ class RLRun:
                                     "reward": [h["reward/total"] for h in history],
                                     "accuracy": [h["reward/accuracy"] for h in history],
                                     "window": report.curve_window(len(history))},
-                   "pipeline": cfg.pipeline, "eval_family": cfg.eval.family,
+                   "recipe": cfg.recipe, "eval_family": cfg.eval.family,
                    "eval_problems": len(self.heldout), "eval_samples": cfg.eval.n_samples}
 
         if cfg.rejection.enabled:
@@ -351,7 +326,7 @@ class RLRun:
             metrics["traces"] = float(summary["rejection"]["kept"])
 
         fig = report.reward_curve_figure(history, [e for e in self.evals],
-                                         title=f"GRPO ({cfg.pipeline}) reward and held-out pass@1")
+                                         title=f"GRPO ({cfg.recipe}) reward and held-out pass@1")
         local = ctx.workdir / REPORT_DIR
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
@@ -372,20 +347,21 @@ class RLRun:
         model_uri = storage.join_uri(ctx.output_uri, MODEL_DIR)
         local = ctx.workdir / MODEL_DIR
         shutil.rmtree(local, ignore_errors=True)
-        training = {"stage": "rl", "pipeline": cfg.pipeline, "steps": trainer.step, "base_model": self.inputs["model"],
+        training = {"stage": "rl", "recipe": cfg.recipe, "steps": trainer.step, "base_model": self.inputs["model"],
                     "dataset": self.inputs["dataset"], "metrics": metrics, "lineage": ctx.lineage}
         ckpt.save_model(self.model, self.model_cfg, local, self.model_dir, extra=training)
         storage.publish_dir(local, model_uri, meta={"kind": "model", "lineage": ctx.lineage}, overwrite=True)
         shutil.rmtree(local, ignore_errors=True)
         outputs = {"checkpoint": model_uri, "report": report_uri, **outputs}
-        if cfg.pipeline == "r1":
+        if cfg.recipe == "r1":
             outputs["cold_start"] = storage.join_uri(ctx.output_uri, COLD_START_DIR)
         self.log("RL done: held-out %s pass@1 %.3f -> %.3f, reward %.3f -> %.3f; policy at %s", cfg.eval.family,
                  acc_start, acc_end, reward_start, reward_end, model_uri)
-        return StageOutput(outputs=outputs, metrics={k: float(v) for k, v in metrics.items()})
+        return StageOutput(outputs=outputs, metrics={k: float(v) for k, v in metrics.items()},
+                           extra={"summary": summary})
 
     def rejection_sample(self) -> tuple[str, dict[str, Any]]:
-        from components.rl.rejection import publish_traces, rejection_sample
+        from components.sft.traces import publish_traces, rejection_sample
 
         r = self.cfg.rejection
         traces, stats = rejection_sample(self.model, self.tokenizer, self.rejection_problems, n_samples=r.n_samples,

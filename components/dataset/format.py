@@ -47,6 +47,7 @@ Digits are always split into single-digit tokens. The tokenizer's post-processor
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,26 @@ def load_eval_split(dataset_dir: str | Path, family: str) -> list[dict[str, Any]
     path = Path(dataset_dir) / meta["eval"][family]["file"]
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def eval_problem_ids(dataset_dir: str | Path | None) -> set[str]:
+    """Ids of every held-out evaluation problem of a prepared dataset (empty without one): never used as RL
+    prompts, cold-start examples or distillation traces."""
+    if dataset_dir is None:
+        return set()
+    ids: set[str] = set()
+    for family in load_dataset_meta(dataset_dir).get("eval", {}):
+        ids.update(p["id"] for p in load_eval_split(dataset_dir, family))
+    return ids
+
+
+def same_tokenizer(dataset_dir: str | Path, tokenizer_file: str | Path | None) -> bool:
+    """Whether `tokenizer_file` is byte for byte the dataset's tokenizer (so its token rows mean the same)."""
+    def sha(path: Path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    mine = sha(Path(dataset_dir) / "tokenizer.json")
+    return mine is not None and tokenizer_file is not None and mine == sha(Path(tokenizer_file))
 
 
 class PackedDataset:

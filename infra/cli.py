@@ -169,7 +169,7 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:
-    from infra.launch.kubernetes import render_cli
+    from infra.launch.k8s_render import render_cli
     from infra.settings import get_settings
 
     try:

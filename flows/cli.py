@@ -167,12 +167,47 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_k8s_render(args: argparse.Namespace) -> int:
-    from infra.launch.kubernetes import render_cli
+def render_cli(stage: str, config_file: str, gpus: int | None = None, nodes: int | None = None,
+               settings: Any = None) -> str:
+    """`moeflow k8s render`: `render_stage` with the resources of a preset file.
+
+    Resources come from the stage's `resources:` section of the preset (a stage config file may have it at
+    its top level); `--gpus` picks the GPU preset of that size instead (`preset_resources`) and `--nodes`
+    sets the node count.
+    """
+    from infra.contract import Resources
+    from infra.launch.k8s_render import preset_resources, render_stage
     from infra.settings import get_settings
 
+    settings = settings or get_settings()
     try:
-        print(render_cli(args.stage, args.config, args.gpus, args.nodes, get_settings()))
+        text = Path(config_file).read_text()
+        preset = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{config_file}: cannot read the preset: {exc}") from exc
+    if not isinstance(preset, dict):
+        raise ValueError(f"{config_file}: a preset is a YAML mapping, got {type(preset).__name__}")
+    section = preset[stage] if isinstance(preset.get(stage), dict) else preset
+    base = None
+    if isinstance(section.get("resources"), dict):
+        where = f"{stage}.resources" if section is not preset else "resources"
+        try:
+            base = Resources.model_validate(section["resources"])
+        except ValueError as exc:
+            raise ValueError(f"{config_file}: {where}: {exc}") from exc
+    if gpus is not None:
+        resources = preset_resources(gpus, nodes if nodes is not None else (base.nodes if base else 1))
+    elif base is not None:
+        resources = base if nodes is None else base.model_copy(update={"nodes": nodes})
+    else:
+        resources = preset_resources(0, nodes or 1)
+    return render_stage(stage, resources, settings, fingerprint=text,
+                        title=f"moeflow k8s render --stage {stage} --config {config_file}")
+
+
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    try:
+        print(render_cli(args.stage, args.config, args.gpus, args.nodes))
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return 0

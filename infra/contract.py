@@ -29,6 +29,9 @@ LogFn = Callable[[str], None]
 # The job process's entry module (console script `moeflow-job`): the top layer's wiring of the stage registry
 # to `infra.entry`. Launchers run it by name (`python -m ...`), so infra imports no stage and no flow.
 JOB_ENTRY_MODULE = "flows.job"
+# Under torchrun the agent exits 1 whenever a worker fails: a worker writes its own exit code to this file
+# (infra.entry) and the Kubernetes torchrun wrapper exits with it (infra.launch.torchrun_wrapper).
+EXIT_CODE_FILE_ENV = "MOEFLOW_EXIT_CODE_FILE"
 
 # Exit codes of `moeflow-job` (the Kubernetes podFailurePolicy fails the Job fast on the last two).
 EXIT_OK = 0

@@ -23,6 +23,7 @@ from typing import Any
 from infra import storage
 from infra.contract import (
     EXIT_BAD_INPUT,
+    EXIT_CODE_FILE_ENV,
     EXIT_FAILED,
     ConfigError,
     NullTracker,
@@ -105,8 +106,8 @@ def main(argv: list[str] | None, resolve: Callable[[str], StageImpl]) -> int:
     code = _main(argv, resolve)
     # Under torchrun the agent exits 1 whenever a worker fails; the Kubernetes wrapper reads the worker's
     # own code from this file so the Job's failure policy can still tell bad input (3) from a crash (1).
-    if code and os.environ.get("MOEFLOW_EXIT_CODE_FILE"):
-        with open(os.environ["MOEFLOW_EXIT_CODE_FILE"], "w") as f:
+    if code and os.environ.get(EXIT_CODE_FILE_ENV):
+        with open(os.environ[EXIT_CODE_FILE_ENV], "w") as f:
             f.write(str(code))
     return code
 

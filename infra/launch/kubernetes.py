@@ -1,30 +1,10 @@
-"""Kubernetes backend: each stage runs as a batch/v1 Job (an Indexed Job + headless Service for several nodes).
+"""Kubernetes backend: `KubernetesLauncher.run` submits the manifests of a JobSpec (infra/launch/k8s_render.py)
+with the kubernetes client (infra/launch/k8s_api.py), follows the Job while streaming its pods' logs, and
+reads the StageResult the job leaves at `spec.result_uri`, exactly as the local backend does.
 
-`render_manifests` turns a JobSpec into plain manifests (dicts), `KubernetesLauncher.run` submits them
-with the kubernetes client, follows the Job while streaming its pods' logs, and reads the StageResult
-the job leaves at `spec.result_uri`, exactly as the local backend does.
-
-What a rendered Job carries, and why:
-- the container runs `moeflow-job <stage> --config URI`; with several processes or nodes it runs torchrun
-  through `python -m infra.launch.kubernetes torchrun ...` (see `torchrun_main`), which keeps the job's
-  own exit code (torchrun itself exits 1 whatever its workers returned);
-- settings travel as plain `MOEFLOW_*` variables; S3 and MLflow credentials only as `secretKeyRef`s to
-  `settings.kubernetes.credentials_secret`, never as values;
-- `nvidia.com/gpu` limits, the node selector and tolerations of the settings (plus the usual
-  `nvidia.com/gpu` taint toleration for GPU jobs), `/dev/shm` as a memory-backed emptyDir, `/tmp` as
-  the only writable path (read-only root filesystem);
-- the Pod Security Standards "restricted" profile: non-root, no privilege escalation, every capability
-  dropped, RuntimeDefault seccomp; no service-account token (the job never calls the API);
-- `backoffLimit` plus a `podFailurePolicy` that fails the Job at once on the job's own "retrying cannot
-  help" exit codes (`EXIT_BAD_INPUT`, `EXIT_DIVERGED`) and does not count disruptions (preemption,
-  node drain) against the backoff limit; `activeDeadlineSeconds`; `ttlSecondsAfterFinished`;
-- labels tying the Job to its stage, the Prefect flow run and the MLflow run (`LABEL_*`), and
-  annotations with its config and result URIs.
-
-Multi-node: `completionMode: Indexed`, one pod per node; the pod of index i has the hostname `<job>-i`
-under the headless Service `<job>`, runs torchrun with `--node-rank $(JOB_COMPLETION_INDEX)` and meets
-the others at `<job>-0.<job>:29500`. The launcher creates the Service after the Job, owned by it, so it
-goes away with the Job (TTL, deletion).
+A Job of several nodes comes with a headless Service: the launcher creates it after the Job, owned by it,
+so it goes away with the Job (TTL, deletion). A Job started from a flow-run pod is owned by that pod
+(`OWNER_POD_ENV`), so cancelling the flow run in the UI removes it too.
 
 The launcher polls (every `poll_interval_s`) rather than watching: the Job for its Complete/Failed
 condition and its pods for logs to stream and for pods stuck Pending. A pod that is still unschedulable
@@ -37,385 +17,31 @@ the Helm chart (helm/moeflow/templates/rbac.yaml).
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import logging
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from infra.contract import (
-    EXIT_BAD_INPUT,
-    EXIT_DIVERGED,
-    JOB_ENTRY_MODULE,
-    LABEL_FLOW_RUN,
-    LABEL_STAGE,
-    JobFailed,
-    JobSpec,
-    Launcher,
-    LogFn,
-    Resources,
-    StageResult,
-)
+from infra.contract import LABEL_FLOW_RUN, JobFailed, JobSpec, Launcher, LogFn, StageResult
+from infra.launch.k8s_api import KubeApi, api_message, is_transient
+from infra.launch.k8s_render import ANNOTATION_CONFIG, CONTAINER, LABEL_JOB, render_manifests
 from infra.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-CONTAINER = "job"
-GPU_RESOURCE = "nvidia.com/gpu"
-RDZV_PORT = 29500
-FAIL_FAST_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_DIVERGED)
 # Pods in these waiting states never start by themselves: treated like unschedulable pods.
 STUCK_WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
-RUN_AS_UID = 1000  # the `moeflow` user of infra/docker/Dockerfile
 TAIL_LINES = 40
 LOG_RESUME_MARGIN_S = 60  # a resumed log stream starts this much before the last line shown (clock skew)
 MAX_LOG_RESUMES = 20  # per pod
-MAX_JOB_NAME = 52  # room for the "-<index>" hostname suffix of Indexed Jobs within 63 characters
 
-LABEL_JOB = "moeflow.dev/job"
-ANNOTATION_CONFIG = "moeflow.dev/config-uri"
-ANNOTATION_RESULT = "moeflow.dev/result-uri"
-
-# Environment variable -> key in the credentials Secret. Optional refs: a cluster using IAM roles for
-# service accounts has no S3 keys, an MLflow server without auth has no MLflow ones.
-SECRET_ENV = {
-    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
-}
 # Set by the Prefect work pool's base job template (infra/k8s/base-job-template.json) in flow-run pods:
 # stage Jobs are then owned by the flow-run pod, so cancelling the flow run in the UI removes them too.
 OWNER_POD_ENV = ("MOEFLOW_OWNER_POD_NAME", "MOEFLOW_OWNER_POD_UID", "MOEFLOW_OWNER_POD_NAMESPACE")
-EXIT_CODE_FILE_ENV = "MOEFLOW_EXIT_CODE_FILE"
-
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-
-
-# --------------------------------------------------------------------------------------------- presets
-def preset_resources(gpus: int, nodes: int = 1) -> Resources:
-    """Per-node requests of the GPU presets: 8 CPU cores and 64 GiB per GPU, one process per GPU;
-    2 cores and 8 GiB for a CPU-only job. docs/cluster.md shows the table."""
-    if gpus < 0 or nodes < 1:
-        raise ValueError(f"gpus must be >= 0 and nodes >= 1 (got gpus={gpus}, nodes={nodes})")
-    if gpus == 0:
-        return Resources(cpus=2, memory_gb=8, gpus=0, procs_per_node=1, nodes=nodes)
-    return Resources(cpus=8 * gpus, memory_gb=64 * gpus, gpus=gpus, procs_per_node=gpus, nodes=nodes)
-
-
-def shm_size_mib(r: Resources) -> int:
-    """/dev/shm limit: a quarter of the pod's memory (it counts against the memory limit), >= 1 GiB."""
-    return max(1024, int(r.memory_gb * 1024) // 4)
-
-
-# ---------------------------------------------------------------------------------------------- naming
-def job_name(spec: JobSpec) -> str:
-    """`spec.name` as a DNS-1035 label short enough for Indexed pod hostnames. A name that had to be
-    changed (case, characters, length) gets a hash of the original, so distinct names stay distinct."""
-    s = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")
-    if not s or not s[0].isalpha():
-        s = f"j-{s}".rstrip("-")
-    if s == spec.name and len(s) <= MAX_JOB_NAME:
-        return s
-    digest = hashlib.sha256(spec.name.encode()).hexdigest()[:8]
-    return f"{s[:MAX_JOB_NAME - 9].rstrip('-')}-{digest}"
-
-
-def label_value(value: str) -> str:
-    """A label value (<= 63 chars of [-A-Za-z0-9_.], alphanumeric at both ends) from any string."""
-    v = re.sub(r"[^A-Za-z0-9_.-]+", "-", value)[:63]
-    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", v)
-
-
-def _check_label_key(key: str) -> str:
-    prefix, _, name = key.rpartition("/")
-    if not _LABEL_NAME.match(name) or (prefix and not _DNS_SUBDOMAIN.match(prefix)):
-        raise ValueError(f"JobSpec.labels: {key!r} is not a valid Kubernetes label key "
-                         "(optional DNS prefix + '/' + up to 63 of [-A-Za-z0-9_.])")
-    return key
-
-
-# ------------------------------------------------------------------------------------------ rendering
-def _cpu(cores: float) -> str:
-    return str(int(cores)) if float(cores).is_integer() else f"{round(cores * 1000)}m"
-
-
-def _mem(mib: int) -> str:
-    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
-
-
-def _uses_torchrun(r: Resources) -> bool:
-    return r.procs_per_node > 1 or r.nodes > 1
-
-
-def job_command(spec: JobSpec, name: str) -> list[str]:
-    """The container command: `moeflow-job`, or torchrun (through `torchrun_main`) for several processes."""
-    r = spec.resources
-    job = [spec.stage, "--config", spec.config_uri]
-    if not _uses_torchrun(r):
-        return ["moeflow-job", *job]
-    if r.nodes == 1:
-        rdzv = ["--standalone", "--nnodes", "1"]
-    else:
-        rdzv = ["--nnodes", str(r.nodes), "--node-rank", "$(JOB_COMPLETION_INDEX)",
-                "--master-addr", f"{name}-0.{name}", "--master-port", str(RDZV_PORT)]
-    return ["python", "-m", "infra.launch.kubernetes", "torchrun", *rdzv,
-            "--nproc-per-node", str(r.procs_per_node), "-m", JOB_ENTRY_MODULE, *job]
-
-
-def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
-    if clash := sorted(set(spec.env) & set(SECRET_ENV)):
-        raise ValueError(f"JobSpec.env sets {clash}: credentials come only from the Secret "
-                         f"{settings.kubernetes.credentials_secret!r}, never as values")
-    plain: dict[str, str | None] = {
-        "MOEFLOW_STORE_URI": settings.store_uri,
-        "MOEFLOW_TRACKING_URI": settings.tracking_uri,
-        # a file:// artifact root (the embedded default) means nothing inside a pod
-        "MOEFLOW_ARTIFACT_URI": None if str(settings.artifact_uri).startswith("file:") else settings.artifact_uri,
-        "MOEFLOW_EXPERIMENT": settings.experiment,
-        "MOEFLOW_S3__ENDPOINT_URL": settings.s3.endpoint_url,
-        "MOEFLOW_S3__REGION": settings.s3.region,
-        "MOEFLOW_S3__ADDRESSING_STYLE": settings.s3.addressing_style,
-        "MOEFLOW_HOME": "/tmp/moeflow",  # /tmp is the pod's only writable path
-        "HOME": "/tmp",
-        "PYTHONUNBUFFERED": "1",
-        **spec.env,
-    }
-    env: list[dict[str, Any]] = [{"name": k, "value": str(v)} for k, v in plain.items() if v is not None]
-    if spec.resources.nodes > 1:  # the job controller sets it too; declared so that $(...) expands for sure
-        env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
-            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
-    secret = settings.kubernetes.credentials_secret
-    env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
-            for var, key in SECRET_ENV.items()]
-    return env
-
-
-def _labels(spec: JobSpec, name: str) -> dict[str, str]:
-    labels = {_check_label_key(k): label_value(v) for k, v in spec.labels.items()}
-    labels.update({  # ours last: the pod selector relies on LABEL_JOB
-        "app.kubernetes.io/name": "moeflow",
-        "app.kubernetes.io/component": "stage-job",
-        "app.kubernetes.io/managed-by": "moeflow",
-        LABEL_STAGE: label_value(spec.stage),
-        LABEL_JOB: name,
-    })
-    return labels
-
-
-def _tolerations(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
-    tolerations = [dict(t) for t in settings.kubernetes.tolerations]
-    if spec.resources.gpus and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
-        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    return tolerations
-
-
-def render_manifests(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
-    """The Job for `spec` (an Indexed Job followed by its headless Service when `nodes > 1`)."""
-    k = settings.kubernetes
-    r = spec.resources
-    name = job_name(spec)
-    labels = _labels(spec, name)
-    meta = {"name": name, "namespace": k.namespace, "labels": labels}
-    requests = {"cpu": _cpu(r.cpus), "memory": _mem(int(r.memory_gb * 1024))}
-    limits = {"memory": requests["memory"]}
-    if r.gpus:
-        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(r.gpus)
-    container: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": spec.image or k.image,
-        "command": job_command(spec, name),
-        "env": _env(spec, settings),
-        "resources": {"requests": requests, "limits": limits},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
-    }
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_UID,
-            "runAsGroup": RUN_AS_UID,
-            "fsGroup": RUN_AS_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _mem(shm_size_mib(r))}},
-            {"name": "tmp", "emptyDir": {}},
-        ],
-    }
-    if k.service_account:
-        pod["serviceAccountName"] = k.service_account
-    if k.node_selector:
-        pod["nodeSelector"] = dict(k.node_selector)
-    if tolerations := _tolerations(spec, settings):
-        pod["tolerations"] = tolerations
-    job_spec: dict[str, Any] = {
-        "backoffLimit": k.backoff_limit,
-        "podFailurePolicy": {"rules": [
-            {"action": "FailJob",
-             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(FAIL_FAST_EXIT_CODES)}},
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]},
-        "activeDeadlineSeconds": math.ceil(spec.timeout_s) if spec.timeout_s else k.active_deadline_seconds,
-        "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
-        "template": {"metadata": {"labels": labels}, "spec": pod},
-    }
-    manifests: list[dict[str, Any]] = []
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {**meta, "annotations": {ANNOTATION_CONFIG: spec.config_uri, ANNOTATION_RESULT: spec.result_uri}},
-        "spec": job_spec,
-    }
-    manifests.append(job)
-    if r.nodes > 1:
-        job_spec.update(completionMode="Indexed", completions=r.nodes, parallelism=r.nodes)
-        pod["subdomain"] = name
-        container["ports"] = [{"name": "rdzv", "containerPort": RDZV_PORT, "protocol": "TCP"}]
-        manifests.append({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": meta,
-            "spec": {
-                "clusterIP": "None",
-                "selector": {LABEL_JOB: name},
-                "publishNotReadyAddresses": True,  # rendezvous DNS names exist before pods are Ready
-                "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
-            },
-        })
-    return json.loads(json.dumps(manifests))  # no shared sub-dicts (no YAML anchors, no aliasing)
-
-
-def render_cli(stage: str, config_file: str, gpus: int | None = None, nodes: int | None = None,
-               settings: Settings | None = None) -> str:
-    """`moeflow k8s render`: the manifests a flow would submit for `stage` with a preset file, as YAML.
-
-    Resources come from the stage's `resources:` section of the preset (a stage config file may have it at
-    its top level); `--gpus` picks the GPU preset of that size instead (`preset_resources`) and `--nodes`
-    sets the node count. The config URI is a placeholder (said so in the output): a flow uploads the
-    validated job config there before it submits.
-    """
-    settings = settings or get_settings()
-    try:
-        text = Path(config_file).read_text()
-        preset = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{config_file}: cannot read the preset: {exc}") from exc
-    if not isinstance(preset, dict):
-        raise ValueError(f"{config_file}: a preset is a YAML mapping, got {type(preset).__name__}")
-    section = preset[stage] if isinstance(preset.get(stage), dict) else preset
-    base = None
-    if isinstance(section.get("resources"), dict):
-        where = f"{stage}.resources" if section is not preset else "resources"
-        try:
-            base = Resources.model_validate(section["resources"])
-        except ValueError as exc:
-            raise ValueError(f"{config_file}: {where}: {exc}") from exc
-    if gpus is not None:
-        resources = preset_resources(gpus, nodes if nodes is not None else (base.nodes if base else 1))
-    elif base is not None:
-        resources = base if nodes is None else base.model_copy(update={"nodes": nodes})
-    else:
-        resources = preset_resources(0, nodes or 1)
-    digest = hashlib.sha256(f"{stage}\0{text}".encode()).hexdigest()[:12]
-    base = f"{str(settings.store_uri).rstrip('/')}/k8s-render/{stage}-{digest}"
-    spec = JobSpec(stage=stage, name=f"{stage}-{digest}", config_uri=f"{base}/config.json",
-                   result_uri=f"{base}/result.json", resources=resources)
-    manifests = render_manifests(spec, settings)
-    header = [
-        f"# moeflow k8s render --stage {stage} --config {config_file}",
-        f"# {resources.nodes} node(s) x {resources.gpus} GPU(s), {resources.procs_per_node} process(es) per node",
-        f"# The config URI is a deterministic placeholder under the store URI: {spec.config_uri}",
-        "# (a flow uploads the validated job config there before it submits these manifests).",
-    ]
-    if not str(settings.store_uri).startswith("s3://"):
-        header.append(f"# warning: store_uri {settings.store_uri} is a local path, which pods cannot read.")
-    if not str(settings.tracking_uri).startswith(("http://", "https://")):
-        header.append(f"# warning: tracking_uri {settings.tracking_uri} is no MLflow server pods can reach.")
-    docs = [yaml.safe_dump(m, sort_keys=False) for m in manifests]
-    return "\n".join(header) + "\n---\n" + "---\n".join(docs)
-
-
-# ------------------------------------------------------------------------------------------- launcher
-class _Api:
-    """The handful of API calls the launcher makes, on plain dicts (`_preload_content=False`)."""
-
-    def __init__(self, api_client: Any, namespace: str):
-        from kubernetes import client
-
-        self.ns = namespace
-        self.batch = client.BatchV1Api(api_client)
-        self.core = client.CoreV1Api(api_client)
-        self.delete_options = client.V1DeleteOptions(propagation_policy="Foreground")
-
-    @staticmethod
-    def _json(resp: Any) -> dict[str, Any]:
-        try:
-            return json.loads(resp.data)
-        finally:
-            resp.release_conn()
-
-    def create_job(self, body: dict) -> dict:
-        return self._json(self.batch.create_namespaced_job(self.ns, body, _preload_content=False))
-
-    def read_job(self, name: str) -> dict:
-        return self._json(self.batch.read_namespaced_job(name, self.ns, _preload_content=False))
-
-    def delete_job(self, name: str) -> None:
-        self._json(self.batch.delete_namespaced_job(name, self.ns, propagation_policy="Foreground",
-                                                    body=self.delete_options, _preload_content=False))
-
-    def create_service(self, body: dict) -> dict:
-        return self._json(self.core.create_namespaced_service(self.ns, body, _preload_content=False))
-
-    def list_pods(self, selector: str) -> list[dict]:
-        return self._json(self.core.list_namespaced_pod(self.ns, label_selector=selector,
-                                                        _preload_content=False))["items"]
-
-    def list_events(self, field_selector: str) -> list[dict]:
-        return self._json(self.core.list_namespaced_event(self.ns, field_selector=field_selector,
-                                                          _preload_content=False))["items"]
-
-    def log_stream(self, pod: str, *, follow: bool = True, tail_lines: int | None = None,
-                   since_seconds: int | None = None, timestamps: bool = False) -> Any:
-        return self.core.read_namespaced_pod_log(pod, self.ns, container=CONTAINER, follow=follow,
-                                                 tail_lines=tail_lines, since_seconds=since_seconds,
-                                                 timestamps=timestamps, _preload_content=False)
-
-
-def _status(exc: BaseException) -> int | None:
-    return getattr(exc, "status", None)
-
-
-def _transient(exc: BaseException) -> bool:
-    """API errors worth retrying: server-side errors, throttling, lost connections."""
-    import urllib3
-
-    status = _status(exc)
-    return (status is not None and (status >= 500 or status == 429)) or isinstance(exc, urllib3.exceptions.HTTPError)
 
 
 def _condition(obj: dict, kind: str) -> dict | None:
@@ -476,7 +102,7 @@ class KubernetesLauncher(Launcher):
         if not str(self.settings.store_uri).startswith("s3://"):
             log.warning("store_uri %s is not s3://: the job's pods must share that path with this process",
                         self.settings.store_uri)
-        api = _Api(self._client(), self.settings.kubernetes.namespace)
+        api = KubeApi(self._client(), self.settings.kubernetes.namespace, CONTAINER)
         job_run = _JobRun(self, api, spec, on_log)
         try:
             job_run.submit()
@@ -489,7 +115,7 @@ class KubernetesLauncher(Launcher):
 class _JobRun:
     """One submitted Job: its log streams, its stuck-pod clocks and its outcome."""
 
-    def __init__(self, launcher: KubernetesLauncher, api: _Api, spec: JobSpec, on_log: LogFn | None):
+    def __init__(self, launcher: KubernetesLauncher, api: KubeApi, spec: JobSpec, on_log: LogFn | None):
         self.launcher = launcher
         self.api = api
         self.spec = spec
@@ -515,7 +141,7 @@ class _JobRun:
         except ApiException as exc:
             if exc.status != 409:
                 raise JobFailed(f"cannot create job {self.name} in {self.api.ns}: {exc.status} {exc.reason}: "
-                                f"{_api_message(exc)}") from exc
+                                f"{api_message(exc)}") from exc
             created = self._existing()
         self._emit(f"[k8s] job {self.api.ns}/{self.name} submitted")
         if self.multi:
@@ -527,7 +153,7 @@ class _JobRun:
             except ApiException as exc:
                 if exc.status != 409:  # 409: the job was resubmitted or reattached, its Service is there
                     self.delete()
-                    raise JobFailed(f"cannot create service {self.name}: {exc.status} {_api_message(exc)}") from exc
+                    raise JobFailed(f"cannot create service {self.name}: {exc.status} {api_message(exc)}") from exc
 
     def _owner_pod(self) -> dict | None:
         name, uid, ns = (os.environ.get(v) for v in OWNER_POD_ENV)
@@ -600,14 +226,14 @@ class _JobRun:
                 if exc.status == 404:
                     raise JobFailed(f"job {self.name} ({self.spec.stage}) was deleted while running",
                                     log_tail=self._tail()) from exc
-                if not _transient(exc) or errors >= self.launcher.max_api_errors:
-                    raise JobFailed(f"job {self.name}: Kubernetes API error {exc.status}: {_api_message(exc)}",
+                if not is_transient(exc) or errors >= self.launcher.max_api_errors:
+                    raise JobFailed(f"job {self.name}: Kubernetes API error {exc.status}: {api_message(exc)}",
                                     log_tail=self._tail()) from exc
                 errors += 1
                 stop.wait(self.launcher.poll_interval_s)
                 continue
             except Exception as exc:
-                if not _transient(exc) or errors >= self.launcher.max_api_errors:
+                if not is_transient(exc) or errors >= self.launcher.max_api_errors:
                     raise JobFailed(f"job {self.name}: lost the Kubernetes API: {exc}", log_tail=self._tail()) from exc
                 errors += 1
                 stop.wait(self.launcher.poll_interval_s)
@@ -803,54 +429,3 @@ def _stuck_reason(pod: dict) -> tuple[str, str] | None:
     if waiting.get("reason") in STUCK_WAITING_REASONS:
         return waiting["reason"], waiting.get("message") or ""
     return None
-
-
-def _api_message(exc: Any) -> str:
-    try:
-        return json.loads(exc.body).get("message") or str(exc.body)
-    except Exception:
-        return str(getattr(exc, "body", "") or exc)
-
-
-# -------------------------------------------------------------------------------- torchrun wrapper
-def torchrun_main(argv: list[str]) -> int:
-    """`python -m infra.launch.kubernetes torchrun ARGS...`: torchrun that keeps the job's exit code.
-
-    torchrun exits 1 whenever a worker fails, which would hide `EXIT_BAD_INPUT`/`EXIT_DIVERGED` from the
-    podFailurePolicy. Workers get `MOEFLOW_EXIT_CODE_FILE`; `moeflow-job` writes its non-zero exit code
-    there, and this wrapper exits with it. SIGTERM/SIGINT are forwarded to torchrun, which forwards
-    them to its workers (the job's own handler then marks its MLflow run killed).
-    """
-    code_file = Path(tempfile.gettempdir()) / f"moeflow-exit-code-{os.getpid()}"
-    code_file.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv],
-                            env={**os.environ, EXIT_CODE_FILE_ENV: str(code_file)})
-
-    def forward(signum: int, frame: Any) -> None:
-        proc.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        rc = proc.wait()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    if rc != 0:
-        try:
-            rc = int(code_file.read_text().strip())
-        except (OSError, ValueError):
-            pass
-    code_file.unlink(missing_ok=True)
-    return rc
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "torchrun":
-        print("usage: python -m infra.launch.kubernetes torchrun [torchrun arguments...]", file=sys.stderr)
-        return 2
-    return torchrun_main(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

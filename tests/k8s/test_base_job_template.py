@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 from pss import restricted_violations
 
-from infra.launch.kubernetes import SECRET_ENV
+from infra.launch.k8s_render import SECRET_ENV
 
 VARIABLES = ("image", "gpus", "cpu", "memory", "shm_size", "node_selector", "tolerations", "namespace", "env",
              "labels", "name", "command", "service_account_name", "credentials_secret", "settings_configmap",

@@ -8,7 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from infra.launch.kubernetes import RUN_AS_UID
+from infra.launch.k8s_render import RUN_AS_UID
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"

@@ -21,7 +21,7 @@ from kube_fake import FakeKube
 from pss import restricted_violations
 
 from infra.contract import JobFailed, JobSpec
-from infra.launch.kubernetes import preset_resources
+from infra.launch.k8s_render import preset_resources
 from infra.settings import Settings
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "moeflow"

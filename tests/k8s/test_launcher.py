@@ -13,13 +13,8 @@ from kube_fake import FakeKube
 
 from infra import storage
 from infra.contract import EXIT_BAD_INPUT, LABEL_FLOW_RUN, JobFailed, JobSpec, Resources, StageResult
-from infra.launch.kubernetes import (
-    LABEL_JOB,
-    TAIL_LINES,
-    _timestamp_ns,
-    preset_resources,
-    render_manifests,
-)
+from infra.launch.k8s_render import LABEL_JOB, preset_resources, render_manifests
+from infra.launch.kubernetes import TAIL_LINES, _timestamp_ns
 
 
 def make_spec(settings, name="pretrain-0a1b2c", resources: Resources | None = None, **kw) -> JobSpec:

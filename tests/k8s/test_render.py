@@ -13,8 +13,9 @@ import pytest
 import yaml
 from pss import restricted_violations
 
+from flows.cli import render_cli
 from infra.contract import EXIT_BAD_INPUT, EXIT_DIVERGED, LABEL_FLOW_RUN, LABEL_MLFLOW_RUN, LABEL_STAGE, JobSpec
-from infra.launch.kubernetes import (
+from infra.launch.k8s_render import (
     ANNOTATION_CONFIG,
     ANNOTATION_RESULT,
     GPU_RESOURCE,
@@ -22,7 +23,6 @@ from infra.launch.kubernetes import (
     SECRET_ENV,
     job_name,
     preset_resources,
-    render_cli,
     render_manifests,
 )
 
@@ -120,7 +120,7 @@ def test_single_gpu_job_carries_security_gpu_shm_failure_policy_and_labels(k8s_s
 def test_eight_gpu_job_runs_torchrun_with_a_process_per_gpu(k8s_settings):
     (job,) = render_manifests(pretrain_spec(k8s_settings, 8), k8s_settings)
     c = pod_of(job)["containers"][0]
-    assert c["command"] == ["python", "-m", "infra.launch.kubernetes", "torchrun", "--standalone", "--nnodes", "1",
+    assert c["command"] == ["python", "-m", "infra.launch.torchrun_wrapper", "--standalone", "--nnodes", "1",
                             "--nproc-per-node", "8", "-m", "flows.job", "pretrain", "--config",
                             "s3://moeflow/runs/p/config.json"]
     assert c["resources"]["limits"] == {"memory": "512Gi", GPU_RESOURCE: "8"}
@@ -135,8 +135,8 @@ def test_two_node_job_is_indexed_with_a_headless_service_and_rendezvous_at_pod_z
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     assert pod["subdomain"] == svc["metadata"]["name"] == name
-    assert c["command"][:4] == ["python", "-m", "infra.launch.kubernetes", "torchrun"]
-    args = c["command"][4:]
+    assert c["command"][:3] == ["python", "-m", "infra.launch.torchrun_wrapper"]
+    args = c["command"][3:]
     assert args[args.index("--nnodes") + 1] == "2"
     assert args[args.index("--nproc-per-node") + 1] == "8"
     assert args[args.index("--node-rank") + 1] == "$(JOB_COMPLETION_INDEX)"
@@ -259,7 +259,7 @@ def test_render_cli_names_the_file_it_cannot_use(k8s_settings, tmp_path):
 def test_torchrun_wrapper_exits_with_the_jobs_own_code():
     """torchrun alone exits 1 when a worker fails; the wrapper returns the code the worker reported."""
     worker = 'echo 3 > "$MOEFLOW_EXIT_CODE_FILE"; exit 3'
-    proc = subprocess.run([sys.executable, "-m", "infra.launch.kubernetes", "torchrun", "--standalone", "--nnodes",
-                           "1", "--nproc-per-node", "1", "--no-python", "sh", "-c", worker],
+    proc = subprocess.run([sys.executable, "-m", "infra.launch.torchrun_wrapper", "--standalone", "--nnodes", "1",
+                           "--nproc-per-node", "1", "--no-python", "sh", "-c", worker],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]

@@ -106,7 +106,7 @@ def describe_output(uri: str, recorded_hash: str | None = None) -> dict[str, Any
     """One link of the chain: the output at `uri`, its hash, and the stage that made it."""
     manifest = _manifest(uri)
     meta = dict(manifest.meta) if manifest is not None else {}
-    result = _stage_result(uri) if manifest is not None else None
+    result = _stage_result(uri)
     lineage = meta.get("lineage") or (result or {}).get("lineage") or {}
     current = ("manifest:" + manifest.digest()) if manifest is not None else _current_hash(uri)
     inputs = {}

@@ -112,7 +112,16 @@ def check_numeric(answer: str, reference: str, tolerance: float | None, meta: Ma
     if got == expected:
         return True, "equal"
     ok = abs(got - expected) <= Fraction(tolerance or 0)
-    return ok, "within tolerance" if ok else f"off by {float(got - expected):g}"
+    return ok, "within tolerance" if ok else f"off by {_approximate(got - expected)}"
+
+
+def _approximate(value: Fraction) -> str:
+    """`value` as a short float string; beyond float's range (an answer such as 1e999) a bound instead of
+    an OverflowError, so that an absurd answer is a wrong answer, not a verifier error."""
+    try:
+        return f"{float(value):g}"
+    except OverflowError:
+        return f"{'-' if value < 0 else ''}more than 1e308"
 
 
 def check_int_list(answer: str, reference: str, tolerance: float | None, meta: Mapping[str, Any]):
@@ -212,7 +221,7 @@ def check_symbolic(answer: str, reference: str, tolerance: float | None, meta: M
     if tolerance is not None and not got.free_symbols and not expected.free_symbols:
         try:
             gap = abs(complex(sympy.N(got - expected, 30)))
-        except (TypeError, ValueError):  # oo, zoo, nan: no finite difference
+        except (TypeError, ValueError, OverflowError):  # oo, zoo, nan, beyond float: no finite difference
             return False, "difference is not a finite number"
         return gap <= tolerance, f"differs by {gap:g}"
     if sympy.simplify(got - expected) == 0:

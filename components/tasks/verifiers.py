@@ -13,7 +13,9 @@ trip (RL verifies ~100 samples per step). Their timeout is their bounded cost.
 Sandboxed (`sandboxed=True`) is anything that hands model text to a library that may `eval` it or whose
 cost is unbounded: `symbolic` (sympy's `parse_expr` calls `eval`, and `simplify` can run for minutes) and
 any verifier registered later with `sandboxed=True`. Those calls go to `SandboxPool` worker processes,
-each under `timeout_s` from when it starts; a stuck worker is killed and replaced. As defence in depth the
+each under `timeout_s` from when it starts; a stuck worker is killed and replaced. Workers run confined (a
+clean environment without credentials, an empty temporary directory, no root, file limits; see
+`sandbox`) and answer in JSON, which `verify_batch` accepts only as (bool, str). As defence in depth the
 symbolic verifier also whitelists tokens and gives sympy's eval no builtins.
 
 A verifier never silently scores 0 when it could not decide: `VerifyResult.status` is "ok" (correct is
@@ -112,7 +114,16 @@ def check_numeric(answer: str, reference: str, tolerance: float | None, meta: Ma
     if got == expected:
         return True, "equal"
     ok = abs(got - expected) <= Fraction(tolerance or 0)
-    return ok, "within tolerance" if ok else f"off by {float(got - expected):g}"
+    return ok, "within tolerance" if ok else f"off by {_approximate(got - expected)}"
+
+
+def _approximate(value: Fraction) -> str:
+    """`value` as a short float string; beyond float's range (an answer such as 1e999) a bound instead of
+    an OverflowError, so that an absurd answer is a wrong answer, not a verifier error."""
+    try:
+        return f"{float(value):g}"
+    except OverflowError:
+        return f"{'-' if value < 0 else ''}more than 1e308"
 
 
 def check_int_list(answer: str, reference: str, tolerance: float | None, meta: Mapping[str, Any]):
@@ -212,7 +223,7 @@ def check_symbolic(answer: str, reference: str, tolerance: float | None, meta: M
     if tolerance is not None and not got.free_symbols and not expected.free_symbols:
         try:
             gap = abs(complex(sympy.N(got - expected, 30)))
-        except (TypeError, ValueError):  # oo, zoo, nan: no finite difference
+        except (TypeError, ValueError, OverflowError):  # oo, zoo, nan, beyond float: no finite difference
             return False, "difference is not a finite number"
         return gap <= tolerance, f"differs by {gap:g}"
     if sympy.simplify(got - expected) == 0:
@@ -250,6 +261,19 @@ def get_verifier(name: str) -> Verifier:
 
 
 # -- batch API ----------------------------------------------------------------------------------------------
+def _check_in_worker(check: CheckFn, answer: str, reference: str, tolerance: float | None, meta: Mapping[str, Any]):
+    """Runs in a sandbox worker: the check's (correct, detail) as the JSON-ready [bool, str]."""
+    correct, detail = check(answer, reference, tolerance, meta)
+    return [bool(correct), str(detail)]
+
+
+def _result_from_worker(value: Any) -> VerifyResult:
+    """A worker's reply is untrusted: anything but [bool, str] is a verifier error."""
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[0], bool) and isinstance(value[1], str):
+        return VerifyResult(value[0], "ok", value[1])
+    return VerifyResult(None, "error", f"malformed verifier reply: {value!r}"[:500])
+
+
 def _run_inline(verifier: Verifier, answer: str, problem: Problem) -> VerifyResult:
     try:
         correct, detail = verifier.check(answer, problem.answer, problem.tolerance, problem.meta)
@@ -293,11 +317,10 @@ def verify_batch(
         calls = []
         for (name, answer, reference, tolerance, _), indices in sandboxed.items():
             meta = dict(items[indices[0]][0].meta)
-            calls.append((VERIFIERS[name].check, (answer, reference, tolerance, meta)))
+            calls.append((_check_in_worker, (VERIFIERS[name].check, answer, reference, tolerance, meta)))
         for indices, outcome in zip(sandboxed.values(), pool.run_many(calls, timeout_s), strict=True):
             if outcome.status == "ok":
-                correct, detail = outcome.value
-                result = VerifyResult(bool(correct), "ok", detail)
+                result = _result_from_worker(outcome.value)
             else:
                 result = VerifyResult(None, outcome.status, outcome.detail)
             for index in indices:

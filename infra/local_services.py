@@ -175,6 +175,7 @@ class LocalServices:
         if self.auth_string:
             lines.append(f"Prefect login: {mask_auth_string(self.auth_string)}   (the whole string is in "
                          f"{self.auth_file}; the UI asks for it once per browser)")
+            lines.append(f"other shells: export PREFECT_API_AUTH_STRING=$(cat {self.auth_file})")
         if self.start_mlflow:
             lines.append(f"MLflow UI:  {self.mlflow_url}")
         lines.append(f"logs: {self.log_dir}   Ctrl-C stops everything")

@@ -1,6 +1,7 @@
 """helm/moeflow without the helm binary: Chart.yaml, values against values.schema.json, every template
 rendered (gotemplate.py, a Go-template subset) to YAML that validates against the Kubernetes schemas,
-restricted pods, secrets by reference only, and RBAC exactly as small as what its users call.
+restricted pods, secrets by reference only, RBAC exactly as small as what its users call, and
+NetworkPolicies that let only the release's own clients reach its servers.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def test_credentials_reach_pods_only_as_secret_references(default_docs):
     for _, pod in pod_specs(default_docs):
         for c in pod["containers"]:
             for e in c.get("env", []):
-                if re.search(r"SECRET|PASSWORD|ACCESS_KEY|ROOT_USER|DATABASE_CONNECTION|BACKEND_STORE", e["name"]):
+                if re.search(r"SECRET|PASSWORD|ACCESS_KEY|ROOT_USER|DATABASE_CONNECTION|BACKEND_STORE|AUTH_STRING",
+                             e["name"]):
                     assert "secretKeyRef" in e.get("valueFrom", {}), (c["name"], e["name"])
 
 
@@ -219,6 +221,14 @@ def test_work_pool_template_configmap_is_the_shipped_template_pointed_at_the_rel
     tpl = json.loads(cm["data"]["base-job-template.json"])
     WorkPoolCreate(name="moeflow", type="kubernetes", base_job_template=tpl)
     shipped = json.loads(REPO_TEMPLATE.read_text())
+    # the shipped job, plus exactly two additions of the chart: pod labels and the Prefect credential
+    pod = tpl["job_configuration"]["job_manifest"]["spec"]["template"]
+    assert pod.pop("metadata") == {"labels": {"app.kubernetes.io/name": "moeflow",
+                                              "app.kubernetes.io/instance": "moeflow",
+                                              "app.kubernetes.io/component": "flow-run"}}
+    assert pod["spec"]["containers"][0]["env"].pop() == {
+        "name": "PREFECT_API_AUTH_STRING",
+        "valueFrom": {"secretKeyRef": {"name": "moeflow-prefect-auth", "key": "PREFECT_API_AUTH_STRING"}}}
     assert tpl["job_configuration"] == shipped["job_configuration"]
     defaults = {k: v.get("default") for k, v in tpl["variables"]["properties"].items()}
     assert defaults["namespace"] == "ml"
@@ -259,6 +269,154 @@ def test_mlflow_serves_artifacts_from_s3_behind_an_allowed_hosts_list(default_do
 def test_notes_tell_how_to_open_both_uis_and_start_a_run():
     notes = render_chart(CHART, namespace="ml")["templates/NOTES.txt"]
     assert "port-forward svc/moeflow-prefect-server 4200:4200" in notes
+    assert "get secret moeflow-prefect-auth" in notes and "PREFECT_API_AUTH_STRING" in notes
     assert "port-forward svc/moeflow-mlflow 5000:5000" in notes
     assert "prefect deployment run" in notes and "moeflow deploy" in notes
     assert "{{" not in notes
+
+
+# ---- Prefect API authentication ------------------------------------------------------------------
+def _env(pod: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+
+def _auth_ref(secret: str) -> dict:
+    return {"valueFrom": {"secretKeyRef": {"name": secret, "key": "PREFECT_API_AUTH_STRING"}}}
+
+
+def test_prefect_server_and_its_clients_get_the_credential_from_one_secret(default_docs):
+    credential = base64.b64decode(find(default_docs, "Secret", "moeflow-prefect-auth")["data"][
+        "PREFECT_API_AUTH_STRING"]).decode()
+    assert len(credential) >= 32
+    server = _env(find(default_docs, "Deployment", "moeflow-prefect-server")["spec"]["template"]["spec"])
+    worker = _env(find(default_docs, "Deployment", "moeflow-prefect-worker")["spec"]["template"]["spec"])
+    cm = find(default_docs, "ConfigMap", "moeflow-base-job-template")
+    flow_run = _env(json.loads(cm["data"]["base-job-template.json"])["job_configuration"]["job_manifest"]["spec"][
+        "template"]["spec"])
+    for env, var in ((server, "PREFECT_SERVER_API_AUTH_STRING"), (server, "PREFECT_API_AUTH_STRING"),
+                     (worker, "PREFECT_API_AUTH_STRING"), (flow_run, "PREFECT_API_AUTH_STRING")):
+        assert {k: v for k, v in env[var].items() if k != "name"} == _auth_ref("moeflow-prefect-auth"), var
+
+
+def test_a_given_credential_or_secret_is_used_and_appears_only_in_its_secret():
+    given = "team-credential-0123456789abcdef"
+    docs = objects({"prefect": {"auth": {"authString": given}}})
+    data = find(docs, "Secret", "moeflow-prefect-auth")["data"]
+    assert base64.b64decode(data["PREFECT_API_AUTH_STRING"]).decode() == given
+    outside = yaml.safe_dump([d for d in docs if d["kind"] != "Secret"])
+    assert given not in outside and base64.b64encode(given.encode()).decode() not in outside
+    docs = objects({"prefect": {"auth": {"existingSecret": "team-prefect"}}})
+    assert not any(d["metadata"]["name"] == "moeflow-prefect-auth" for d in docs)
+    worker = _env(find(docs, "Deployment", "moeflow-prefect-worker")["spec"]["template"]["spec"])
+    assert worker["PREFECT_API_AUTH_STRING"]["valueFrom"] == _auth_ref("team-prefect")["valueFrom"]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    with pytest.raises(jsonschema.ValidationError):  # a short credential is refused at install
+        jsonschema.validate({**values, "prefect": {**values["prefect"], "auth": {"authString": "admin",
+                                                                                 "existingSecret": ""}}}, schema)
+
+
+@pytest.mark.parametrize("deployment_env", [{}, {"HF_HUB_OFFLINE": "1"}], ids=["pool-defaults", "deployment-env"])
+def test_worker_does_not_copy_its_credential_into_flow_run_jobs(default_docs, deployment_env):
+    """Prefect's worker puts its own settings, credential included, into every Job it creates as plain
+    values (prefect.workers.base `_base_environment`). The pool's env default of null removes that copy:
+    checked with Prefect's own job configuration code; prefect-kubernetes (not installed here) then puts
+    `env` before the template's own entries, where the Secret reference is."""
+    import asyncio
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+    from prefect.workers.base import BaseJobConfiguration
+
+    class KubernetesLikeConfiguration(BaseJobConfiguration):
+        job_manifest: dict
+
+    tpl = json.loads(find(default_docs, "ConfigMap", "moeflow-base-job-template")["data"]["base-job-template.json"])
+    with temporary_settings({PREFECT_API_AUTH_STRING: "the-workers-credential",
+                             PREFECT_API_URL: "http://moeflow-prefect-server.ml.svc:4200/api"}):
+        cfg = asyncio.run(KubernetesLikeConfiguration.from_template_and_values(
+            tpl, {"env": deployment_env}, client=get_client()))  # no block references: the client is unused
+        cfg.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="nightly"))
+    assert cfg.env["PREFECT_API_URL"] == "http://moeflow-prefect-server.ml.svc:4200/api"  # other settings pass
+    assert "PREFECT_API_AUTH_STRING" not in cfg.env
+    assert all(cfg.env.get(k) == v for k, v in deployment_env.items())
+    assert "the-workers-credential" not in json.dumps(cfg.job_manifest)
+
+
+# ---- NetworkPolicies -----------------------------------------------------------------------------
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # the chart uses matchLabels only
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _admits(policy: dict, pod: dict) -> bool:
+    """Whether `policy` lets `pod` ({labels, namespace, namespace_labels}) in (ingress peers only)."""
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            same_ns = pod["namespace"] == policy["metadata"].get("namespace", "ml")
+            if "namespaceSelector" in peer:
+                ns_ok = _selects(peer["namespaceSelector"], pod["namespace_labels"])
+            else:
+                ns_ok = same_ns
+            if ns_ok and _selects(peer.get("podSelector", {}), pod["labels"]):
+                return True
+    return False
+
+
+def _clients(docs: list[dict], k8s_settings) -> dict[str, dict]:
+    """Every pod that may knock: the chart's workloads, a flow-run pod and a stage Job's pod as they are
+    rendered, the ingress controller, and strangers in and outside the namespace."""
+    from infra.launch.kubernetes import render_manifests
+
+    ns = {"namespace": "ml", "namespace_labels": {"kubernetes.io/metadata.name": "ml"}}
+    pods = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]:
+            {"labels": d["spec"]["template"]["metadata"]["labels"], **ns} for d in docs if d["kind"] in WORKLOADS}
+    tpl = json.loads(find(docs, "ConfigMap", "moeflow-base-job-template")["data"]["base-job-template.json"])
+    flow_run_labels = tpl["job_configuration"]["job_manifest"]["spec"]["template"]["metadata"]["labels"]
+    pods["flow-run"] = {"labels": {**flow_run_labels, "prefect.io/flow-run-id": "6f1c9a3e"}, **ns}
+    spec = JobSpec(stage="pretrain", name="pretrain-np", config_uri="s3://b/c.json", result_uri="s3://b/r.json",
+                   resources=preset_resources(8))
+    stage_job = render_manifests(spec, k8s_settings)[0]
+    pods["stage-job"] = {"labels": stage_job["spec"]["template"]["metadata"]["labels"], **ns}
+    pods["ingress-controller"] = {"labels": {"app.kubernetes.io/name": "ingress-nginx"}, "namespace": "ingress-nginx",
+                                  "namespace_labels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
+    pods["stranger-in-namespace"] = {"labels": {"app": "notebook"}, **ns}
+    pods["stranger-elsewhere"] = {"labels": {"app.kubernetes.io/instance": "moeflow",
+                                             "app.kubernetes.io/component": "prefect-worker"},
+                                  "namespace": "team-b", "namespace_labels": {"kubernetes.io/metadata.name": "team-b"}}
+    return pods
+
+
+def test_network_policies_let_only_the_releases_clients_reach_each_server(default_docs, k8s_settings):
+    policies = [d for d in default_docs if d["kind"] == "NetworkPolicy"]
+    pods = _clients(default_docs, k8s_settings)
+    expected = {
+        "prefect-server": {"prefect-worker", "flow-run", "ingress-controller"},
+        "mlflow": {"flow-run", "stage-job", "ingress-controller"},
+        "minio": {"mlflow", "flow-run", "stage-job", "create-bucket"},
+        "postgresql": {"prefect-server", "mlflow"},
+    }
+    assert {d["metadata"]["name"] for d in policies} == {f"moeflow-{s}" for s in expected}
+    for server, allowed in expected.items():
+        selecting = [p for p in policies if _selects(p["spec"]["podSelector"], pods[server]["labels"])]
+        assert len(selecting) == 1 and selecting[0]["spec"]["policyTypes"] == ["Ingress"], server
+        admitted = {name for name, pod in pods.items() if _admits(selecting[0], pod)}
+        assert admitted == allowed, server
+        svc = find(default_docs, "Service", f"moeflow-{server}")["spec"]["ports"][0]["port"]
+        assert [p["port"] for r in selecting[0]["spec"]["ingress"] for p in r["ports"]] == [svc], server
+    for client in ("prefect-worker", "flow-run", "stage-job", "create-bucket", "ingress-controller"):
+        assert not any(_selects(p["spec"]["podSelector"], pods[client]["labels"]) for p in policies
+                       if pods[client]["namespace"] == "ml"), f"{client} would be cut off"
+
+
+def test_network_policies_follow_the_values():
+    docs = objects({**EXTERNAL, "networkPolicy": {"enabled": True, "uiFrom": []}})
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"moeflow-prefect-server", "moeflow-mlflow"}  # no MinIO, no PostgreSQL here
+    peers = policies["moeflow-prefect-server"]["spec"]["ingress"][0]["from"]
+    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in peers] == \
+        ["prefect-worker", "flow-run"]  # port-forward only: no ingress controller
+    assert not any(d["kind"] == "NetworkPolicy" for d in objects({"networkPolicy": {"enabled": False,
+                                                                                    "uiFrom": []}}))

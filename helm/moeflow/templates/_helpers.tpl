@@ -22,6 +22,42 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- .Values.s3.existingSecret | default (printf "%s-credentials" (include "moeflow.fullname" .)) -}}
 {{- end }}
 
+{{/* Secret holding the Prefect API credential (key PREFECT_API_AUTH_STRING) of the server and its clients. */}}
+{{- define "moeflow.prefectAuthSecret" -}}
+{{- .Values.prefect.auth.existingSecret | default (printf "%s-prefect-auth" (include "moeflow.fullname" .)) -}}
+{{- end }}
+
+{{/*
+One env entry that reads the Prefect API credential from its Secret, never a plain value. Call with
+(dict "ctx" $ "name" VARIABLE): PREFECT_SERVER_API_AUTH_STRING on the server, PREFECT_API_AUTH_STRING on clients.
+*/}}
+{{- define "moeflow.prefectAuthEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "moeflow.prefectAuthSecret" .ctx }}
+      key: PREFECT_API_AUTH_STRING
+{{- end }}
+
+{{/* A NetworkPolicy peer: the pods of one component of this release. Call with (dict "ctx" $ "component" NAME). */}}
+{{- define "moeflow.componentPeer" -}}
+- podSelector:
+    matchLabels:
+      app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+      app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+A NetworkPolicy peer: the stage Jobs' pods, which the Kubernetes launcher (infra/launch/kubernetes.py) starts
+in this namespace labelled name=moeflow, component=stage-job. They never call the Prefect API.
+*/}}
+{{- define "moeflow.stageJobPeer" -}}
+- podSelector:
+    matchLabels:
+      app.kubernetes.io/name: moeflow
+      app.kubernetes.io/component: stage-job
+{{- end }}
+
 {{/* The S3 endpoint everyone uses: the external one, else the chart's MinIO, else AWS (empty). */}}
 {{- define "moeflow.s3Endpoint" -}}
 {{- if .Values.s3.endpoint -}}

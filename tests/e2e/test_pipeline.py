@@ -143,8 +143,9 @@ def test_both_uis_show_the_demo_runs(demo, tmp_path, free_port):
     settings = Settings(home=demo["home"])
     exp = MlflowClient(tracking_uri=settings.tracking_uri).get_experiment_by_name(settings.experiment)
     env_backup = os.environ.get("PREFECT_API_URL")
+    # auth=False: a DOM dump cannot type the Prefect login (tests/reliability/test_prefect_auth.py checks it)
     with LocalServices(settings, prefect_port=free_port(), mlflow_port=free_port(),
-                       log_dir=tmp_path / "logs") as ui:
+                       log_dir=tmp_path / "logs", auth=False) as ui:
         mlflow_dom = _dom(f"{ui.mlflow_url}/#/experiments/{exp.experiment_id}/runs", tmp_path / "p1")
         prefect_dom = _dom(f"{ui.prefect_url}/runs", tmp_path / "p2")
     if env_backup is None:

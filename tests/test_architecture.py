@@ -98,6 +98,12 @@ def test_every_stage_has_its_package_flow_and_cli_command():
         assert args.func is not None
 
 
+def test_the_cli_docs_list_every_stage_command():
+    doc = (REPO / "docs" / "cli.md").read_text()
+    missing = [" ".join(s.command) for s in registry.PIPELINE if f"`moeflow {' '.join(s.command)}`" not in doc]
+    assert not missing, f"docs/cli.md does not document: {missing}"
+
+
 def test_unknown_stage_names_the_known_ones():
     from infra.contract import ConfigError
 

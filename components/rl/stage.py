@@ -41,5 +41,4 @@ def run(cfg: RLConfig, ctx: StageContext) -> StageOutput:
 
     if ctx.world_size != 1:
         raise ConfigError(f"the rl stage runs as one process; the job has {ctx.world_size}")
-    inputs = ctx.inputs
-    return RLRun(cfg, ctx, {name: v["uri"] for name, v in inputs.items()}).run()
+    return RLRun(cfg, ctx, ctx.inputs).run()

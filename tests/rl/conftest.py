@@ -4,8 +4,10 @@
 1..6) whose worked solutions end in a wrong answer 30% of the time (as the real corpus does), so the
 base is right only part of the time and GRPO has headroom. The result is cached in pytest's cache
 directory under a key that covers the recipe, torch's version and the source of every module the
-training touches; single-threaded float32 training is deterministic, so a cached base is bit for bit the
-one a fresh run would train, and the golden reward curve holds for both.
+training touches, and the CPU code path (`cpu_path`); single-threaded float32 training on one code path
+is deterministic, so a cached base is bit for bit the one a fresh run would train. Another code path
+trains another base (the last bits differ, and grow over 300 steps), so a cache filled under one path is
+not reused under another (e.g. by ATEN_CPU_CAPABILITY=default, or on a copied cache directory).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.cpupath import cpu_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,6 +50,7 @@ def easy_family():
 def _recipe_key() -> str:
     h = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode())
     h.update(torch.__version__.encode())
+    h.update(json.dumps(cpu_path(), sort_keys=True).encode())
     for src in SOURCES:
         p = REPO / src
         for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:

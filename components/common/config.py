@@ -22,7 +22,15 @@ class Strict(BaseModel):
 
 
 def resolve_model(data: Any) -> Any:
-    """Expand `{preset: NAME | PATH, **overrides}` into a full model-config dict (other input unchanged)."""
+    """Expand `{preset: NAME | PATH, **overrides}` into a full model-config dict; a Hugging Face
+    ``config.json`` (it has ``model_type`` or ``architectures``) becomes moeflow's fields through
+    ``ModelConfig.from_hf_dict`` (its ``quantization_config`` describes stored weights, not the
+    architecture, and is set aside). Other input unchanged."""
+    if isinstance(data, dict) and ("model_type" in data or "architectures" in data) and "preset" not in data:
+        from components.model.config import ModelConfig
+
+        arch = {k: v for k, v in data.items() if k != "quantization_config"}
+        return ModelConfig.from_hf_dict(arch).model_dump()
     if not isinstance(data, dict) or "preset" not in data:
         return data
     data = dict(data)

@@ -22,6 +22,7 @@ from infra import storage
 from infra.contract import ConfigError
 
 from .card import ReleaseCard, license_text, render_card
+from .prompting import write_prompting
 from .verify import SUMS_NAME, probe_inputs, sha256sums_text
 
 TOKENIZER_REQUIRED = ("tokenizer.json", "tokenizer_config.json")
@@ -79,6 +80,7 @@ def build_release(model: torch.nn.Module, out_dir: str | Path, *, tokenizer_dir:
     _check_tokenizer(tok, cfg.vocab_size)
     export_hf(model, out, tokenizer_dir=tok, dtype=dtype, max_shard_bytes=max_shard_bytes)
     try:
+        write_prompting(out, card.evaluation)
         info = model_info(cfg)
         (out / "README.md").write_text(render_card(card, info), encoding="utf-8")
         (out / "LICENSE").write_text(license_text(card.license_holder, card.license_year), encoding="utf-8")

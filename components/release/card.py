@@ -9,6 +9,7 @@ Missing numbers are shown as missing, never filled in.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +89,25 @@ def _num(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+_LOCAL = re.compile(r"^(file://)?/")
+
+
+def portable(x: Any) -> Any:
+    """A URI as the card may show it: a local path (or file:// URI) becomes `<store>/...` relative to the
+    configured store, or `<local>/<last two parts>`; the card never names this machine's directories."""
+    if not isinstance(x, str) or not _LOCAL.match(x):
+        return x
+    from infra.settings import get_settings
+
+    path = x.removeprefix("file://")
+    store = str(get_settings().store_uri or "").removeprefix("file://").rstrip("/")
+    if store.startswith("/") and (path == store or path.startswith(store + "/")):
+        return "<store>" + path[len(store):]
+    return "<local>/" + "/".join(path.rstrip("/").split("/")[-2:])
+
+
 def _code(x: Any) -> str:
-    return "–" if x in (None, "") else f"`{x}`"
+    return "–" if x in (None, "") else f"`{portable(x)}`"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -275,24 +293,38 @@ def _lineage(chain: list[dict[str, Any]], release: dict[str, Any] | None) -> lis
     return out
 
 
+def card_data(card: ReleaseCard) -> Any:
+    """The front matter (``huggingface_hub.ModelCardData``): license, library, tags, ``base_model`` (the
+    model the released one was trained from, when the lineage records one), ``datasets`` (the prepared
+    datasets of the lineage) and ``model-index`` (the evaluation's metrics as ``EvalResult``s)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    chain = card.chain or []
+    models = [e for e in chain[1:] if e.get("kind") == "model" or (e.get("uri") or "").endswith("/model")]
+    datasets = [portable(e["uri"]) for e in chain if e.get("kind") == "dataset" or e.get("stage") == "prep"]
+    ev = card.evaluation or {}
+    suite = ev.get("suite") or {}
+    dataset_name = "held-out " + ", ".join(sorted(suite.get("by_source") or {})) if suite else "moeflow evaluation"
+    results = [EvalResult(task_type="text-generation", dataset_type="moeflow-heldout", dataset_name=dataset_name,
+                          metric_type=k, metric_value=float(v), verified=False)
+               for k, v in sorted((ev.get("metrics") or {}).items()) if not k.endswith("_stderr")]
+    return ModelCardData(
+        license="mit", library_name="transformers", pipeline_tag="text-generation", model_name=card.name,
+        tags=["deepseek_v3", "moeflow", "moe" if card.model_cfg.n_moe_layers else "dense"],
+        base_model=portable(models[0]["uri"]) if models else None, datasets=sorted(set(datasets)) or None,
+        eval_results=results or None)
+
+
 def render_card(card: ReleaseCard, info: dict[str, Any]) -> str:
-    """The README.md model card (Hugging Face front matter first)."""
+    """The README.md model card (Hugging Face front matter first, written by ``huggingface_hub``)."""
+    from huggingface_hub import ModelCard
+
     cfg = card.model_cfg
     title = card.title or f"{card.name}: a {_kind(cfg).split(' (')[0]} DeepSeek-V3-architecture language model"
     summary = (f"A {_kind(cfg)} causal language model with the DeepSeek-V3 architecture, "
                f"{_big(info['total_params'])} parameters in total and {_big(info['active_params'])} active per "
                f"token, built with moeflow and released under the MIT license.")
     lines = [
-        "---",
-        "license: mit",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags:",
-        "- deepseek_v3",
-        "- moeflow",
-        f"- {'moe' if cfg.n_moe_layers else 'dense'}",
-        "---",
-        "",
         f"# {title}",
         "",
         summary,
@@ -314,6 +346,7 @@ def render_card(card: ReleaseCard, info: dict[str, Any]) -> str:
         "the logits of `transformers` against moeflow's own on fixed inputs.",
         "",
     ]
+    lines += _prompting() + [""]
     if card.source_uri:
         lines += [f"Released from {_code(card.source_uri)}.", ""]
     lines += _architecture(cfg, info) + [""]
@@ -329,4 +362,20 @@ def render_card(card: ReleaseCard, info: dict[str, Any]) -> str:
               "every other file). `MANIFEST.json`, written last when the release was published, lists every "
               "file with its SHA-256 and size.", ""]
     lines += ["## License", "", f"MIT, copyright (c) {card.license_year} {card.license_holder}; see `LICENSE`.", ""]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{card_data(card).to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _prompting() -> list[str]:
+    from components.tasks.problem import PROMPT_TEMPLATE
+
+    return ["## Prompt format", "",
+            "The model was trained and evaluated on this prompt (after the BOS token); the chat template in "
+            "`tokenizer_config.json` renders a user message as exactly this, and `generation_config.json` holds "
+            "the sampling settings the evaluation below used:", "",
+            "```text", PROMPT_TEMPLATE.replace("{question}", "<question>"), "```", "",
+            "```python",
+            "messages = [{\"role\": \"user\", \"content\": \"What is 12 + 30?\"}]",
+            "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+            "return_dict=True)",
+            "out = model.generate(**ids)  # the answer follows in <think>...</think><answer>...</answer>",
+            "```"]

@@ -6,9 +6,11 @@ registers carries the tags
 - ``moeflow.release_sha256``: the digest of the release's ``MANIFEST.json`` (``Manifest.digest()``),
 - ``moeflow.metrics``: the evaluation metrics as JSON (what the next release's gate compares against),
 - ``moeflow.gate``: the gate decision as JSON.
-Its ``source`` is ``runs:/<run_id>/release``: the release job's run holds the small files of the release
-(model card, config, LICENSE, SHA256SUMS) as artifacts. A tracking server only accepts a local-path
-source inside the run's artifact directory, so the weights' own URI lives in the tag instead.
+Its ``source`` is the MLflow logged model of the release (``models:/<model_id>``, `log_release_model`): a
+pyfunc model (``components/release/mlflow_model.py``) carrying the whole release directory as its artifact
+``release``, linked to the release job's run. So ``mlflow.pyfunc.load_model("models:/<name>@champion")``
+generates, and ``mlflow.artifacts.download_artifacts`` of the version holds a directory ``transformers``
+loads (``<download>/artifacts/release``). Without a run (tests, scripts) the source is the release URI.
 
 Aliases: ``candidate`` moves to every new version; ``champion`` only when the gate passes.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from infra import storage
@@ -27,6 +30,9 @@ MODEL_URI_TAG = "moeflow.model_uri"
 RELEASE_SHA_TAG = "moeflow.release_sha256"
 METRICS_TAG = "moeflow.metrics"
 GATE_TAG = "moeflow.gate"
+LOGGED_MODEL_NAME = "model"
+RELEASE_ARTIFACT = "release"
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 
@@ -87,12 +93,56 @@ def current_champion(name: str, *, client=None) -> dict[str, Any] | None:
     return None if version is None else version_info(name, version, client=client)
 
 
+def _tracking_uri(client):
+    """MLflow's fluent functions (logging a model, resolving ``models:/<model_id>``) use the global tracking
+    URI: point it at `client`'s for the duration."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    return _use_tracking_uri(client._tracking_client.tracking_uri)
+
+
+def _signature(release_dir: Path):
+    """Input: strings (one prompt each); output: a string; params: the sampling settings, their defaults
+    those of the release's ``generation_config.json``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    gen = json.loads((release_dir / "generation_config.json").read_text())
+    params = [ParamSpec("max_new_tokens", "long", int(gen.get("max_new_tokens") or 64)),
+              ParamSpec("do_sample", "boolean", bool(gen.get("do_sample", False))),
+              ParamSpec("temperature", "double", float(gen.get("temperature") or 1.0)),
+              ParamSpec("top_p", "double", float(gen.get("top_p") or 1.0)),
+              ParamSpec("raw", "boolean", False)]
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema(params))
+
+
+def log_release_model(release_dir: str | Path, *, run_id: str, name: str, client=None) -> str:
+    """Log the release directory as an MLflow logged model linked to `run_id` (the pyfunc of
+    ``mlflow_model.py`` with the directory as artifact ``release``) and return its ``model_id``.
+    The logged model lives in the run's experiment and under its artifact root (file store or S3)."""
+    import mlflow
+    from mlflow.models import Model
+    client = client or _client()
+    release_dir = Path(release_dir)
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
+                                        model_type="release", tags={"moeflow.release": name})
+    requirements = [f"mlflow=={mlflow.__version__}", "torch", "transformers", "safetensors", "tokenizers"]
+    with _tracking_uri(client):
+        Model.log(artifact_path=None, name=LOGGED_MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
+                  model_id=logged.model_id, python_model=str(PYFUNC_CODE),
+                  artifacts={RELEASE_ARTIFACT: str(release_dir)}, signature=_signature(release_dir),
+                  pip_requirements=requirements)
+    return logged.model_id
+
+
 def register_release(name: str, *, release_uri: str, release_sha256: str, run_id: str | None,
                      metrics: dict[str, float], gate: dict[str, Any] | None = None,
                      description: str | None = None, extra_tags: dict[str, str] | None = None,
-                     client=None) -> str:
+                     model_id: str | None = None, client=None) -> str:
     """Register the release as a new version of `name` (created if needed), point `candidate` at it,
-    and return the version number. The source is the run's `release` artifact folder when `run_id` is
+    and return the version number. The source is the logged model `model_id` (`log_release_model`) when
     given, else the release URI itself (fine for S3 and the embedded store; a tracking server refuses a
     local path outside the run's artifacts)."""
     from mlflow.exceptions import MlflowException
@@ -113,8 +163,10 @@ def register_release(name: str, *, release_uri: str, release_sha256: str, run_id
     if gate is not None:
         tags[GATE_TAG] = json.dumps(_gate_summary(gate), default=str)
     tags.update(extra_tags or {})
-    source = f"runs:/{run_id}/release" if run_id else release_uri
-    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description)
+    source = f"models:/{model_id}" if model_id else release_uri
+    with _tracking_uri(client):  # the registry looks the logged model up through the global tracking URI
+        mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description,
+                                         model_id=model_id)
     version = str(mv.version)
     client.set_registered_model_alias(name, CANDIDATE, version)
     return version

@@ -7,8 +7,9 @@ Runs inside `moeflow-job release`:
 3. decide the gate (`components.release.gate`), build the release directory (`build.build_release`);
 4. publish it to `<output>/release` (MANIFEST.json last), verify the published copy
    (`verify.verify_release`; a release that fails is unpublished again and the stage fails);
-5. register it as a new model version with alias `candidate`, and point `champion` at it if the gate
-   passed (re-checked against the champion of that moment).
+5. log it as an MLflow model of the job's run (`registry.log_release_model`: a pyfunc carrying the release
+   directory), register that logged model as a new model version with alias `candidate`, and point
+   `champion` at it if the gate passed (re-checked against the champion of that moment).
 Outputs: `{"release": <release URI>}`; the final gate decision is also written to `<output>/gate.json`
 (the copy inside the release's manifest and card is the one taken before registration). Metrics:
 `gate_passed`, `promoted`, `model_version`, `champion_version` (the champion the gate compared against),
@@ -34,8 +35,6 @@ from .config import ReleaseConfig
 Config = ReleaseConfig
 log = logging.getLogger("moeflow.release")
 GATE_NAME = "gate.json"
-SMALL_FILES = ("README.md", "LICENSE", "SHA256SUMS", "config.json", "generation_config.json",
-               "tokenizer_config.json")
 
 
 def _report_input(uri: str) -> str:
@@ -133,17 +132,16 @@ def run(cfg: ReleaseConfig, ctx: StageContext) -> StageOutput:
         raise RuntimeError("the published release failed verification (unpublished again):\n  " + "\n  ".join(failed))
     log.info("release verified: max |moeflow - transformers| logit difference %.3g", check["max_abs_diff"])
 
-    for name in SMALL_FILES:
-        if (local / name).is_file():
-            ctx.tracker.log_artifact(local / name, "release")
     ctx.tracker.set_tags({"moeflow.release_uri": release_uri, "moeflow.release_sha256": digest})
 
+    run_id = ctx.tracker.run_id  # None outside a tracked run
+    model_id = registry.log_release_model(local, run_id=run_id, name=cfg.name) if run_id else None
     version = None
     if cfg.register_model:
         version = registry.register_release(
-            cfg.name, release_uri=norm_uri(release_uri), release_sha256=digest, run_id=ctx.tracker.run_id,
+            cfg.name, release_uri=norm_uri(release_uri), release_sha256=digest, run_id=run_id,
             metrics=evaluation["metrics"], description=f"{model_uri} released at {release_uri}",
-            extra_tags={"moeflow.source_model_uri": model_uri})
+            extra_tags={"moeflow.source_model_uri": model_uri}, model_id=model_id)
         if gate["promoted"]:
             now = registry.current_champion(cfg.name)
             if (now or {}).get("version") != (champion or {}).get("version"):  # someone promoted meanwhile

@@ -10,7 +10,12 @@ Checks, each reported (name, ok, detail) and none stopping the others:
    fixed text the same, and every id fits the model's vocabulary.
 5. ``transformers load``: ``DeepseekV3ForCausalLM.from_pretrained(use_safetensors=True)`` with no missing,
    unexpected or mis-shaped tensors; ``moeflow load``: ``components.model.load_pretrained``.
-6. ``logits``: both models, float32, on fixed inputs (seeded random ids and the tokenized text): the
+6. ``chat template``: ``tokenizer_config.json`` has one and ``transformers`` renders a question as exactly
+   the evaluation prompt (bos + ``format_prompt``); ``generation config``: the sampling settings are all
+   there (temperature, top_p, max_new_tokens, do_sample) or, for an unevaluated release, none;
+   ``model card``: ``huggingface_hub.ModelCard`` reads the front matter (license mit, ``model-index`` when
+   there are results) and the card names no absolute local path.
+7. ``logits``: both models, float32, on fixed inputs (seeded random ids and the tokenized text): the
    largest absolute difference must be at most ``atol`` and every logit finite.
 A remote release is downloaded into a temporary directory; a local one is read in place. Library
 warnings raised while loading are captured into the report (``warnings``), not printed.
@@ -321,6 +326,51 @@ def _check_models(root: Path, atol: float, add: AddCheck, report: dict[str, Any]
     add("logits", ok, detail)
 
 
+_ABSOLUTE_PATH = re.compile(r"(?:file://|`)/[^\s`]*")
+
+
+def _check_prompting(root: Path, present: list[str], add: AddCheck) -> None:
+    """The chat template, the generation config's sampling settings and the model card's front matter."""
+    from components.tasks.problem import format_prompt
+
+    from .prompting import SAMPLING_KEYS
+
+    if "tokenizer_config.json" in present:
+        from transformers import AutoTokenizer
+
+        question = "What is 12 + 30?"
+        try:
+            tok = AutoTokenizer.from_pretrained(root)
+            got = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                          add_generation_prompt=True) if tok.chat_template else None
+            want = (tok.bos_token or "") + format_prompt(question)
+            add("chat template", got == want, "renders the evaluation prompt" if got == want else
+                "no chat template" if got is None else f"renders {got!r}, not the evaluation prompt {want!r}",
+                file="tokenizer_config.json")
+        except Exception as exc:  # transformers' template errors have no common type
+            add("chat template", False, f"cannot render: {_err(exc)}", file="tokenizer_config.json")
+    if "generation_config.json" in present:
+        gen = json.loads((root / "generation_config.json").read_text())
+        keys = (*SAMPLING_KEYS, "do_sample")
+        have = [k for k in keys if gen.get(k) is not None]
+        ok = len(have) in (0, len(keys))
+        add("generation config", ok, ("sampling: " + ", ".join(f"{k} {gen[k]}" for k in keys)) if have and ok else
+            "no sampling settings (unevaluated release)" if ok else
+            f"incomplete sampling settings: has {', '.join(have)} of {', '.join(keys)}", file="generation_config.json")
+    if "README.md" in present:
+        from huggingface_hub import ModelCard
+
+        try:
+            card = ModelCard.load(root / "README.md")
+            data = card.data.to_dict()
+            problems = [] if data.get("license") == "mit" else [f"license {data.get('license')!r}"]
+            problems += [f"absolute local path {m}" for m in _ABSOLUTE_PATH.findall(card.text)[:3]]
+            detail = f"front matter: {', '.join(sorted(data))}"
+            add("model card", not problems, "; ".join(problems) or detail, file="README.md")
+        except Exception as exc:  # huggingface_hub raises ValueError or yaml errors
+            add("model card", False, f"unreadable front matter: {_err(exc)}", file="README.md")
+
+
 def verify_release(uri: str, *, atol: float = 1e-4) -> dict[str, Any]:
     """Verify the release at `uri` (see the module docstring). Never raises for a bad release.
 
@@ -346,7 +396,9 @@ def verify_release(uri: str, *, atol: float = 1e-4) -> dict[str, Any]:
                 report["manifest_digest"] = manifest.digest()
             if root is not None:
                 _check_files(root, manifest, present, add)
-                if _check_layout(root, present, add):
+                layout_ok = _check_layout(root, present, add)
+                _check_prompting(root, present, add)
+                if layout_ok:
                     _check_models(root, atol, add, report)
         except Exception as exc:  # a bug or an unforeseen corruption: still a verdict, never a traceback
             add("verify", False, f"verification stopped: {_err(exc)}")

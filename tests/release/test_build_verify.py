@@ -17,7 +17,7 @@ from safetensors import safe_open
 from components.model import model_info
 from components.refs.lineage import lineage_chain
 from components.release.build import build_release, publish_release
-from components.release.card import ReleaseCard, license_text
+from components.release.card import ReleaseCard, license_text, portable
 from components.release.evidence import efficiency_ledger, load_evaluation
 from components.release.verify import SUMS_NAME, verify_release
 from infra import storage
@@ -160,7 +160,7 @@ def test_model_card_shows_architecture_evaluation_ledger_and_lineage(make_model,
     built, _ = make_release(model, tokenizer_dir, tmp_path / "rel", evaluation=evaluation, chain=chain, ledger=ledger)
     card = (built["dir"] / "README.md").read_text()
     info = model_info(model.cfg)
-    assert card.startswith("---\nlicense: mit\n")
+    assert card.startswith("---\n") and "\nlicense: mit\n" in card.split("\n---\n")[0]  # huggingface_hub order
     assert f"({info['total_params']:,})" in card and f"({info['active_params']:,}," in card
     assert "| pass@1 | 0.4375 ± 0.05 | report |" in card
     assert "| val_loss | 2.5 | report |" in card
@@ -169,7 +169,7 @@ def test_model_card_shows_architecture_evaluation_ledger_and_lineage(make_model,
     assert "$0.0246 at $2/device-hour" in card and "| MFU | 1.23% of 1 TFLOP/s (test) |" in card
     assert [e["stage"] for e in chain] == ["pretrain", "prep"]
     for e in chain:  # every link: URI, hash, git commit, MLflow run, Prefect flow run
-        for value in (e["uri"], e["hash"], e["git_commit"], e["mlflow_run_id"], e["prefect_flow_run_id"]):
+        for value in (portable(e["uri"]), e["hash"], e["git_commit"], e["mlflow_run_id"], e["prefect_flow_run_id"]):
             assert f"`{value}`" in card, value
         assert e["hash"].startswith("manifest:")
     assert chain[0]["hash"] == "manifest:" + storage.read_manifest(model_uri).digest()

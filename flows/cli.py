@@ -33,11 +33,12 @@ class CliError(Exception):
         self.code = code
 
 
-def _quiet_defaults() -> None:
-    """Clean output for users: Prefect logs go to its API/UI, not the console; no telemetry."""
+def _quiet_defaults(debug: bool = False) -> None:
+    """Clean output for users: Prefect logs go to its API/UI, not the console (its failure tracebacks too:
+    the CLI prints one `error:` line, and the traceback only with --debug); no telemetry."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "DEBUG" if debug else "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     # The ephemeral API migrates a new database on first start: slow on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -53,6 +54,15 @@ def _quiet_defaults() -> None:
     prefect_home = settings.home / "prefect"
     prefect_home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moeflow")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 # ---- config files --------------------------------------------------------------------------------
@@ -86,7 +96,7 @@ def cmd_stage(stage: str, args: argparse.Namespace) -> int:
 
     cfg = stage_config(args.config, stage, args.set)
     t0 = time.time()
-    plan = registry.get(stage).plan(cfg, source=args.config)
+    plan = registry.get(stage).plan(cfg, source=args.config, overrides=args.set)
     cached = cached_result(plan)
     flows = registry.get(stage).flow_module
     if cached is not None:
@@ -266,6 +276,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeflow", description="DeepSeek-style LLM training platform")
+    parser.add_argument("--version", action="version", version=f"moeflow {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and Prefect's own log lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -335,25 +347,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def job_failure(exc: Any) -> str:
+    """A failed job in one line: the job's own `ERROR stage X failed: why` line when it wrote one (bad
+    input, divergence), else the launcher's headline with the last log lines."""
+    for line in reversed(exc.log_tail):
+        head, sep, why = line.partition(" failed: ")
+        if sep and " ERROR stage " in head and why.strip():
+            return f"stage {head.rsplit(' ', 1)[-1]} failed (exit code {exc.exit_code}): {why.strip()}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    _quiet_defaults()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and --version end here, having written nothing
+    from pydantic import ValidationError
+
     from infra.contract import ConfigError, JobFailed
+    from infra.settings import settings_error
 
     try:
+        _quiet_defaults(args.debug)
         return int(args.func(args) or 0)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        print(f"error: {settings_error(exc)}", file=sys.stderr)
+        return 2
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except JobFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except JobFailed as exc:  # the job's lines were streamed above: end with its cause, once
+        print(f"error: {job_failure(exc)}", file=sys.stderr)
         return exc.exit_code or 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug or an unexpected failure: one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(run `moeflow --debug ...` for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def load_preset(preset: str, overrides: list[str] | None = None) -> dict[str, An
     placeholders = {"eval": {"models": [{"uri": "models:/placeholder@x"}]}, "release": {"name": "placeholder"}}
     for name in SECTIONS:
         section = {k: v for k, v in cfg[name].items() if k not in ("teacher_name", "student_name")}
-        registry.get(name).validate({**section, **placeholders.get(name, {})}, source=str(path))
+        mine = [o.removeprefix(f"{name}.") for o in overrides or [] if o.startswith(f"{name}.")]
+        registry.get(name).validate({**section, **placeholders.get(name, {})}, source=str(path), overrides=mine)
     return cfg
 
 

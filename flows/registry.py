@@ -14,6 +14,7 @@ whole recipe). Modules are imported only when used, so reading the registry cost
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -58,11 +59,12 @@ class Stage:
     def flow_module(self) -> FlowModule:
         return importlib.import_module(module_of(self.flow))  # type: ignore[return-value]
 
-    def validate(self, data: dict[str, Any], *, source: str = "config") -> BaseModel:
-        return validate_config(self.name, self.config_class, data, source=source)
+    def validate(self, data: dict[str, Any], *, source: str = "config", overrides: Sequence[str] = ()) -> BaseModel:
+        return validate_config(self.name, self.config_class, data, source=source, overrides=overrides)
 
-    def plan(self, data: dict[str, Any], settings: Settings | None = None, *, source: str = "config") -> StagePlan:
-        return plan_stage(self.name, self.impl, data, settings, source=source)
+    def plan(self, data: dict[str, Any], settings: Settings | None = None, *, source: str = "config",
+             overrides: Sequence[str] = ()) -> StagePlan:
+        return plan_stage(self.name, self.impl, data, settings, source=source, overrides=overrides)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ KEY_VERSION = "2"  # bump when the meaning of stage outputs changes incompatibly
 
 
 def validate_config(stage: str, config_class: type[BaseModel], data: dict[str, Any], *,
-                    source: str = "config") -> BaseModel:
-    """Validate a stage config; errors name each offending field (`source: stage.field.path: message`)."""
+                    source: str = "config", overrides: Sequence[str] = ()) -> BaseModel:
+    """Validate a stage config; errors name each offending field (`source: stage.field.path: message`),
+    where `source` is the `--set key=value` that set the field when one of `overrides` did."""
     try:
         return config_class.model_validate(data)
     except ValidationError as exc:
@@ -34,8 +36,17 @@ def validate_config(stage: str, config_class: type[BaseModel], data: dict[str, A
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "<root>"
             got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
-            lines.append(f"{source}: {stage}.{loc}: {err['msg']}{got}")
+            lines.append(f"{_source_of(loc, source, overrides)}: {stage}.{loc}: {err['msg']}{got}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def _source_of(loc: str, source: str, overrides: Sequence[str]) -> str:
+    """`--set key=value` when that override set the field at `loc` (or a field around it), else `source`."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if loc == key or loc.startswith(key + ".") or key.startswith(loc + "."):
+            return f"--set {item}"
+    return source
 
 
 def canonical_json(data: Any) -> str:
@@ -97,10 +108,10 @@ class StagePlan:
 
 
 def plan_stage(stage: str, impl: StageImpl, data: dict[str, Any], settings: Settings | None = None,
-               *, source: str = "config") -> StagePlan:
+               *, source: str = "config", overrides: Sequence[str] = ()) -> StagePlan:
     """Validate the config, hash its inputs and derive the content-addressed output location."""
     settings = settings or get_settings()
-    cfg = validate_config(stage, impl.Config, data, source=source)
+    cfg = validate_config(stage, impl.Config, data, source=source, overrides=overrides)
     inputs = dict(impl.input_uris(cfg))
     hashes = {name: content_hash(uri) for name, uri in sorted(inputs.items())}
     key = stage_key(stage, cfg, hashes)

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -116,6 +116,16 @@ class Settings(BaseSettings):
             return v
 
         return walk(self)
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line per bad setting, naming the environment variable that sets it (MOEFLOW_S3__REGION, ...)."""
+    lines = []
+    for err in exc.errors():
+        var = "MOEFLOW_" + "__".join(str(p) for p in err["loc"]).upper()
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
+        lines.append(f"{var}: {err['msg']}{got}")
+    return "invalid settings: " + "; ".join(lines)
 
 
 @lru_cache(maxsize=1)

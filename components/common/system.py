@@ -1,4 +1,4 @@
-"""Facts about the host a stage runs on."""
+"""Facts about the host a stage runs on, and how long its work will take."""
 
 from __future__ import annotations
 
@@ -11,3 +11,16 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def duration(seconds: float) -> str:
+    """`1h02m` or `3m07s`."""
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def eta(done: int, total: int, elapsed_s: float) -> str:
+    """The time the remaining `total - done` units will take at the pace of the `done` ones so far."""
+    return duration(elapsed_s / done * (total - done)) if done > 0 else "?"

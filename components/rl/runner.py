@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from components.common.system import available_cores
+from components.common.system import available_cores, eta
 from components.dataset.format import eval_problem_ids
 from components.refs import checkpoint as ckpt
 from components.refs.models import local_dir
@@ -271,16 +271,19 @@ class RLRun:
         self.log("GRPO: %d steps x %d prompts x %d samples, mu %d, eps [%g, %g], beta %g, %s aggregation, "
                  "std scale %s%s", g.steps, g.prompts_per_step, g.group_size, g.mu, g.eps_low, g.eps_high, g.beta,
                  g.aggregation, g.advantage_scale, ", dynamic sampling" if g.dynamic_sampling else "")
-        t_loop = time.perf_counter()
+        t_loop = t_start = time.perf_counter()
+        first_step = trainer.step  # a resumed run's pace counts from where it resumed
         while trainer.step < g.steps:
             m = trainer.train_step()
             step = trainer.step
             ctx.tracker.log_metrics({k: v for k, v in m.items() if k != "step"}, step=step)
             if step % cfg.log_every == 0 or step == 1 or step == g.steps:
                 self.log("step %d/%d reward %.3f (acc %.3f fmt %.2f steps %.2f) len %.1f kl_s %.1e clip %.3f "
-                         "ent %.3f dropped %d  %.2fs/step", step, g.steps, m["reward/total"], m["reward/accuracy"],
-                         m["reward/format"], m["reward/steps"], m["response_length"], m["kl_sampler"],
-                         m["clip_fraction"], m.get("entropy", float("nan")), m["groups/dropped"], m["time/step_s"])
+                         "ent %.3f dropped %d  %.2fs/step, eta %s", step, g.steps, m["reward/total"],
+                         m["reward/accuracy"], m["reward/format"], m["reward/steps"], m["response_length"],
+                         m["kl_sampler"], m["clip_fraction"], m.get("entropy", float("nan")), m["groups/dropped"],
+                         m["time/step_s"], eta(step - first_step, g.steps - first_step,
+                                               time.perf_counter() - t_start))
             if cfg.eval.every and step % cfg.eval.every == 0 and step < g.steps:
                 self.evaluate(self.model, step, f"step {step}")
             if step % cfg.checkpoint.every == 0 and step < g.steps:

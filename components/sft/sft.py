@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 import kernels
 from components.common.config import OptimConfig, ScheduleConfig
 from components.common.schedule import build_scheduler
+from components.common.system import eta
 from components.model.tokens import encode_texts, special_ids
 from infra.contract import TrainingDiverged
 
@@ -368,7 +369,7 @@ def sft_train(
                 tracker.log_metrics(row, step=done)
             if log is not None:
                 log(f"step {done}/{steps} loss {last['loss']:.4f} lr {lr:.2e} "
-                    f"{row['train/tokens_per_s']:.0f} tok/s")
+                    f"{row['train/tokens_per_s']:.0f} tok/s, eta {eta(done - start, steps - start, elapsed)}")
         if checkpoint is not None and (done == steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
             checkpoint(done, training_state(model, opt, sched, done))
     seconds = time.time() - t0

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from components.common.schedule import build_scheduler
-from components.common.system import available_cores
+from components.common.system import available_cores, duration
 from components.dataset.format import load_dataset_meta
 from components.model.arithmetic import model_info
 from components.model.config import ModelConfig
@@ -324,7 +324,7 @@ class Trainer:
             load = f" | load max/mean {m['max_mean_load']:.2f}" if "max_mean_load" in m else ""
             log.info("step %d/%d [%s] %3.0f%% | loss %.4f | lr %.2e | gnorm %.3f | %s tok/s | mfu %.2f%%%s | "
                      "eta %s", self.step, cfg.steps, bar, 100 * frac, m["loss"], m["lr"], m["grad_norm"],
-                     f"{tps:,.0f}", 100 * mfu, load, _duration(eta))
+                     f"{tps:,.0f}", 100 * mfu, load, duration(eta))
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -498,10 +498,3 @@ class Trainer:
             log.info("model published at %s", model_uri)
         D.barrier()
         return {"outputs": {"checkpoint": model_uri}, "metrics": metrics, "ledger": ledger}
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -50,11 +52,14 @@ def test_sft_lowers_completion_loss(tok, examples, make_model):
     model = make_model()
     before = completion_loss(model, tok, examples[:32])["loss"]
     cfg = SFTConfig(seq_len=128, batch_size=8, max_steps=30, log_every=10, optim=OptimConfig(lr=3e-3))
-    metrics = sft_train(model, tok, examples, cfg)
+    lines: list[str] = []
+    metrics = sft_train(model, tok, examples, cfg, log=lines.append)
     after = completion_loss(model, tok, examples[:32])["loss"]
     assert after < before - 1.0, (before, after)
     assert metrics["steps"] == 30 and metrics["packing_fill"] > 0.7
     assert metrics["trained_tokens"] > 0
+    assert len(lines) == 3 and all(re.search(r", eta \d+m\d\ds$", line) for line in lines), lines
+    assert lines[-1].endswith("eta 0m00s")
 
 
 def test_resumed_training_equals_uninterrupted(tok, examples, make_model):

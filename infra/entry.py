@@ -42,7 +42,7 @@ log = logging.getLogger("moeflow.job")
 def setup_logging(stage: str, rank: int) -> None:
     fmt = f"%(asctime)s {stage}" + (f"[rank{rank}]" if rank else "") + " %(levelname)s %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    for noisy in ("mlflow", "alembic", "botocore", "urllib3", "httpx", "filelock"):
+    for noisy in ("mlflow", "alembic", "botocore", "urllib3", "httpx", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -64,6 +64,7 @@ def test_bad_stage_input_found_by_the_job_ends_in_one_error_line_without_traceba
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage prep failed (exit code 3): ") and "malformed" in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    assert "rec/s" not in proc.stderr, "a progress bar of a few seconds' work left a stale line in the job's log"
 
 
 def test_every_repository_path_the_docs_name_exists():

@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from components.data.progress import progress_bar
 
 from .config import DedupConfig
 
@@ -97,7 +98,7 @@ def dedup(
     shingler = _Shingler(cfg.shingle, cfg.ngram)
     mh = MinHash(num_perm=cfg.num_perm, seed=1, hashfunc=_shingle_hash)  # reused: cleared per document
     signatures: dict[int, np.ndarray] = {}  # kept documents' MinHash values, to confirm LSH candidates
-    for i in tqdm(range(len(texts)), desc="dedup", unit=" doc", disable=not progress, leave=False):
+    for i in progress_bar(range(len(texts)), desc="dedup", unit=" doc", progress=progress):
         t = texts[i]
         if cfg.exact:
             h = text_hash(t)

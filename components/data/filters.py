@@ -12,7 +12,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
+from components.data.progress import progress_bar
 
 from .config import FilterConfig
 
@@ -118,7 +118,7 @@ def apply_filters(
     checks = _checks(cfg)
     reports = [FilterReport(name, desc) for name, desc, _ in checks]
     keep: list[int] = []
-    for i in tqdm(range(len(texts)), desc="filter", unit=" doc", disable=not progress, leave=False):
+    for i in progress_bar(range(len(texts)), desc="filter", unit=" doc", progress=progress):
         t = texts[i]
         for (_, _, check), rep in zip(checks, reports, strict=True):
             rep.documents_in += 1

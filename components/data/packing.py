@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from components.data.progress import progress_bar
 
 BATCH_DOCS = 1024
 
@@ -20,7 +21,7 @@ def encode_documents(
     tok, texts: Sequence[str], bos: int, eos: int, *, progress: bool = False, desc: str = "tokenize"
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per batch of documents: (token stream `bos t0 .. eos bos t1 .. eos` as int64, text lengths in tokens)."""
-    bar = tqdm(total=len(texts), desc=desc, unit=" doc", disable=not progress, leave=False)
+    bar = progress_bar(total=len(texts), desc=desc, unit=" doc", progress=progress)
     with bar:
         for start in range(0, len(texts), BATCH_DOCS):
             batch = list(texts[start : start + BATCH_DOCS])

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from components.data.progress import progress_bar
 from components.dataset.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -103,7 +103,7 @@ def prepare_dataset(cfg: PrepConfig, out_dir: Path, *, progress: bool = True) ->
     pipeline.append({"step": "read", "documents_out": n_read})
     pipeline.append({"step": "generate", "documents_out": len(corpus) - n_read})
 
-    corpus.texts = [normalize(t) for t in tqdm(corpus.texts, desc="normalize", disable=not progress, leave=False)]
+    corpus.texts = [normalize(t) for t in progress_bar(corpus.texts, desc="normalize", progress=progress)]
     lap("normalize")
 
     questions = [p.question for ps in eval_problems.values() for p in ps]
@@ -247,7 +247,7 @@ def _generate(cfg: PrepConfig, corpus: _Corpus, eval_problems: dict[str, list], 
     if gen.tasks.n_per_family > 0:
         from components.tasks import make_split
 
-        for family in tqdm(gen.tasks.families, desc="generate tasks", disable=not progress, leave=False):
+        for family in progress_bar(gen.tasks.families, desc="generate tasks", progress=progress):
             exclude = [p.id for p in eval_problems.get(family, [])]
             problems = list(make_split(gen.tasks.family(family), gen.tasks.n_per_family, cfg.seed,
                                        exclude_ids=exclude))

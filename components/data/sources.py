@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
+from components.data.progress import progress_bar
 
 from .config import SourceConfig
 from .errors import PrepError
@@ -129,7 +129,7 @@ def read_file(
             buffered = io.BufferedReader(hashing, buffer_size=1 << 20)
             report.gzip = buffered.peek(2)[:2] == b"\x1f\x8b"
             stream: Any = gzip.GzipFile(fileobj=buffered, mode="rb") if report.gzip else buffered
-            bar = tqdm(desc=f"read {uri.rsplit('/', 1)[-1]}", unit=" rec", disable=not progress, leave=False)
+            bar = progress_bar(desc=f"read {uri.rsplit('/', 1)[-1]}", unit=" rec", progress=progress)
             with bar:
                 reader = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}[fmt]
                 for text, where in reader(stream, uri, src, report):

@@ -11,16 +11,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
 
-from prefect import get_run_logger, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.registry import get as get_stage
 from infra import storage
+from infra.configfile import apply_overrides, load_yaml, set_path
 from infra.contract import (
     EXIT_BAD_INPUT,
     EXIT_DIVERGED,
@@ -39,6 +41,42 @@ from infra.settings import get_settings
 from infra.tracking import PARENT_RUN_ENV, Tracker, create_run, run_url
 
 NOT_RETRIED_EXIT_CODES = {EXIT_BAD_INPUT, EXIT_DIVERGED}
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+# ---- the parameters of a deployed stage flow: a preset, a few typed fields, overrides ---------------
+def presets_with(stage: str) -> tuple[str, ...]:
+    """The shipped presets (configs/*.yaml) that have a section for `stage`, the default first."""
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml") if stage in (load_yaml(p) or {}))
+    return tuple(sorted(names, key=lambda n: n != DEFAULT_PRESET))
+
+
+def preset_choice(stage: str) -> Any:
+    """The type of a stage flow's `preset` parameter: one of the shipped presets with that stage's section
+    (the Prefect form shows a drop-down; anything else is rejected before the run starts)."""
+    return Literal[presets_with(stage)]  # type: ignore[valid-type]
+
+
+def preset_config(stage: str, preset: str, fields: dict[str, Any], overrides: list[str] | None) -> BaseModel:
+    """The stage's config: the preset's section, then the flow's typed fields that are set (dotted keys,
+    None = the preset's value), then the `key=value` overrides; validated (errors name the field)."""
+    if preset not in presets_with(stage):
+        raise ConfigError(f"preset {preset!r}: no shipped preset with a {stage!r} section "
+                          f"(known: {', '.join(presets_with(stage))})")
+    path = PRESETS_DIR / f"{preset}.yaml"
+    data = dict(load_yaml(path).get(stage) or {})
+    for key, value in fields.items():
+        if value is not None:
+            set_path(data, key, value)
+    data = apply_overrides(data, list(overrides or []))
+    return get_stage(stage).validate(data, source=f"{path.name} ({stage}) with the flow's parameters")
+
+
+def config_flow(stage: str, body: Callable[..., dict[str, Any]]) -> Any:
+    """A flow named after the stage that takes the full typed config: what `run(config)` (the CLI) calls.
+    The deployed flow of the same name takes a preset and a few fields instead and calls the same body."""
+    return flow(name=stage, description=get_stage(stage).help)(body)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

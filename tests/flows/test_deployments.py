@@ -60,8 +60,38 @@ def test_every_deployment_registers_with_schedules_and_schemas(prefect_server):
     assert pretrain.job_variables["gpus"] == 0  # GPUs belong to the stage Jobs, not the flow-run pod
     assert pretrain.job_variables["image"] == "registry.example/moeflow-job:test"
     schema = pretrain.parameter_openapi_schema
-    assert "config" in schema["properties"], schema  # the typed config renders as a form
-    assert deployments["prep"].parameter_openapi_schema["definitions"]["PrepConfig"]["properties"]["tokenizer"]
+    assert {"preset", "dataset", "steps", "lr", "seed", "overrides"} <= set(schema["properties"]), schema
+    assert not schema.get("required"), schema  # Quick run: every parameter has a default
+
+
+def test_quick_run_defaults_conform_to_each_stored_schema_and_nonsense_is_rejected(prefect_server):
+    """For every deployment: its default parameters validate against the schema the server stored (the
+    check Prefect's API runs before it creates a run), every top-level parameter is described, and the
+    server itself creates a Quick run (no parameters) but refuses an unknown preset or a wrong type with a
+    message naming the field."""
+    from prefect.client.orchestration import get_client
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    deploy_all(image="registry.example/moeflow-job:test")
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        assert set(deployments) == {e["name"] for e in load_entries()}
+        for name, d in deployments.items():
+            schema = d.parameter_openapi_schema
+            validate(dict(d.parameters), schema, raise_on_error=True)
+            undescribed = [p for p, v in schema["properties"].items() if not v.get("description")]
+            assert not undescribed, f"{name}: parameters without a description: {undescribed}"
+            run = client.create_flow_run_from_deployment(d.id)  # Quick run: no parameters
+            assert run.state.is_scheduled(), (name, run.state)
+        stage = deployments["prep"]
+        for bad, field in (({"preset": "no-such-preset"}, "preset"), ({"seed": "seven"}, "seed"),
+                           ({"overrides": "steps=3"}, "overrides")):
+            with pytest.raises(ValidationError, match=field):
+                validate(bad, stage.parameter_openapi_schema, raise_on_error=True)
+            with pytest.raises(Exception, match=field):
+                client.create_flow_run_from_deployment(stage.id, parameters=bad)
+        champion = deployments["eval-champion"].parameter_openapi_schema["properties"]["model_name"]
+        assert champion["default"] == "moeflow-teacher"  # what the pipeline registers
 
 
 def test_prefect_yaml_declares_one_deployment_per_flow_and_the_pipeline():

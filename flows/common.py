@@ -8,19 +8,24 @@ checkpoints (pretraining, RL, distillation) resumes instead of starting over.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import re
 import sys
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
 
-from prefect import get_run_logger, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.registry import get as get_stage
 from infra import storage
+from infra.configfile import apply_overrides, load_yaml, set_path
 from infra.contract import (
     EXIT_BAD_INPUT,
     EXIT_DIVERGED,
@@ -39,6 +44,42 @@ from infra.settings import get_settings
 from infra.tracking import PARENT_RUN_ENV, Tracker, create_run, run_url
 
 NOT_RETRIED_EXIT_CODES = {EXIT_BAD_INPUT, EXIT_DIVERGED}
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+# ---- the parameters of a deployed stage flow: a preset, a few typed fields, overrides ---------------
+def presets_with(stage: str) -> tuple[str, ...]:
+    """The shipped presets (configs/*.yaml) that have a section for `stage`, the default first."""
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml") if stage in (load_yaml(p) or {}))
+    return tuple(sorted(names, key=lambda n: n != DEFAULT_PRESET))
+
+
+def preset_choice(stage: str) -> Any:
+    """The type of a stage flow's `preset` parameter: one of the shipped presets with that stage's section
+    (the Prefect form shows a drop-down; anything else is rejected before the run starts)."""
+    return Literal[presets_with(stage)]  # type: ignore[valid-type]
+
+
+def preset_config(stage: str, preset: str, fields: dict[str, Any], overrides: list[str] | None) -> BaseModel:
+    """The stage's config: the preset's section, then the flow's typed fields that are set (dotted keys,
+    None = the preset's value), then the `key=value` overrides; validated (errors name the field)."""
+    if preset not in presets_with(stage):
+        raise ConfigError(f"preset {preset!r}: no shipped preset with a {stage!r} section "
+                          f"(known: {', '.join(presets_with(stage))})")
+    path = PRESETS_DIR / f"{preset}.yaml"
+    data = dict(load_yaml(path).get(stage) or {})
+    for key, value in fields.items():
+        if value is not None:
+            set_path(data, key, value)
+    data = apply_overrides(data, list(overrides or []))
+    return get_stage(stage).validate(data, source=f"{path.name} ({stage}) with the flow's parameters")
+
+
+def config_flow(stage: str, body: Callable[..., dict[str, Any]]) -> Any:
+    """A flow named after the stage that takes the full typed config: what `run(config)` (the CLI) calls.
+    The deployed flow of the same name takes a preset and a few fields instead and calls the same body."""
+    return flow(name=stage, description=get_stage(stage).help)(body)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
@@ -58,11 +99,55 @@ def _echo(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+ERROR_LINE = re.compile(r"error|exception|traceback|diverged|failed", re.IGNORECASE)
+
+
+class JobLogForwarder:
+    """A job's output lines into the Prefect run's log (what the UI shows), throttled: at most `per_second`
+    lines a second; lines that look like errors always pass; each throttled second ends with a count of the
+    lines left out, and `close()` adds the last `tail` lines that were left out, so a run's log always ends
+    with what the job printed last. The local and Kubernetes launchers both call it for each line."""
+
+    def __init__(self, logger: Any, *, per_second: int = 20, tail: int = 20,
+                 clock: Callable[[], float] = time.monotonic):
+        self.logger, self.per_second, self.clock = logger, per_second, clock
+        self.window, self.sent, self.dropped, self.dropped_total = clock(), 0, 0, 0
+        self.recent: collections.deque[tuple[bool, str]] = collections.deque(maxlen=tail)
+
+    def __call__(self, line: str) -> None:
+        now = self.clock()
+        if now - self.window >= 1.0:
+            self._flush_count()
+            self.window, self.sent = now, 0
+        is_error = bool(ERROR_LINE.search(line))
+        send = is_error or self.sent < self.per_second
+        if send:
+            self.sent += 1
+            self.logger.log(logging.ERROR if is_error else logging.INFO, "%s", line)
+        else:
+            self.dropped += 1
+        self.recent.append((send, line))
+
+    def _flush_count(self) -> None:
+        if self.dropped:
+            self.logger.info("... %d job lines not shown (at most %d a second)", self.dropped, self.per_second)
+            self.dropped_total += self.dropped
+            self.dropped = 0
+
+    def close(self) -> None:
+        """Report the lines left out and forward the last ones that were."""
+        self._flush_count()
+        unsent = [line for sent, line in self.recent if not sent]
+        if unsent:
+            self.logger.info("last %d job lines not shown above:\n%s", len(unsent), "\n".join(unsent))
+        self.recent.clear()
+
+
 @task(task_run_name="{stage}", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_bad_input)
 def run_stage(stage: str, config: dict[str, Any], parent_run_id: str | None = None,
               resources: Resources | None = None, timeout_s: float | None = None) -> StageResult:
     """Run one stage as a job (or return its cached result); the job's log lines stream to stderr
-    and to the Prefect task-run log."""
+    and (throttled, `JobLogForwarder`) to the Prefect task-run log the UI shows."""
     settings = get_settings()
     logger = get_run_logger()
     plan = get_stage(stage).plan(config, settings)
@@ -80,15 +165,19 @@ def run_stage(stage: str, config: dict[str, Any], parent_run_id: str | None = No
         labels={LABEL_STAGE: stage, LABEL_FLOW_RUN: str(flow_run.id or ""),
                 LABEL_MLFLOW_RUN: parent_run_id or ""},
     )
-    job_log = logging.getLogger(f"moeflow.job.{stage}")
+    forward = JobLogForwarder(logger)
 
     def on_log(line: str) -> None:
         _echo(line)
-        job_log.debug(line)
+        forward(line)
 
     launcher = get_launcher(settings)
     _echo(f"[{stage}] running as job {spec.name} ({launcher.name} launcher)")
-    return launcher.run(spec, on_log=on_log)
+    logger.info("%s: running as job %s (%s launcher)", stage, spec.name, launcher.name)
+    try:
+        return launcher.run(spec, on_log=on_log)
+    finally:
+        forward.close()
 
 
 def convenience(what: str, fn: Any, *args: Any, **kwargs: Any) -> None:

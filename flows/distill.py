@@ -8,7 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from components.distill.config import DistillConfig
-from flows.common import convenience, stage_flow
+from flows.common import config_flow, convenience, preset_choice, preset_config, stage_flow
 from flows.registry import STAGES
 from infra.contract import StageResult
 
@@ -17,13 +17,43 @@ HEADLINE = ("traces_kept", "traces_problems_solved", "traces_accept_rate", "trac
             "teacher_active_params", "active_ratio", "device_hours", "cost_usd")
 
 
-@flow(name="distill", description=STAGES["distill"].help)
-def distill_flow(config: DistillConfig) -> dict[str, Any]:
+DistillPreset = preset_choice("distill")
+
+
+def _run(config: DistillConfig) -> dict[str, Any]:
     with stage_flow("distill", config) as (parent, _, summary):
         parent.set_tags({"moeflow.student_uri": summary["student_uri"], "moeflow.traces_uri": summary["traces_uri"]})
         convenience("the Prefect artifact", create_markdown_artifact, key="distill-summary",
                     markdown=markdown(summary), description="distillation: traces and student")
     return summary
+
+
+_config_flow = config_flow("distill", _run)
+
+
+@flow(name="distill", description=STAGES["distill"].help)
+def distill_flow(
+    preset: DistillPreset = "tiny",
+    teacher: str | None = None,
+    dataset: str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Distil a teacher into a student from a shipped preset's `distill` section.
+
+    Args:
+        preset: shipped preset (configs/NAME.yaml) whose `distill` section is the starting config.
+        teacher: teacher model: a checkpoint URI, a stage output, a release or models:/NAME@ALIAS
+            (empty: the preset's).
+        dataset: prepared dataset URI (empty: the preset's; none: the dataset in the teacher's lineage).
+        steps: student SFT steps, `sft.max_steps` (empty: the preset's).
+        lr: student learning rate, `sft.optim.lr` (empty: the preset's).
+        overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
+            `tokenizer.vocab_size=1024`.
+    """
+    fields = {"teacher": teacher, "dataset": dataset, "sft.max_steps": steps, "sft.optim.lr": lr}
+    return _run(preset_config("distill", preset, fields, overrides))  # type: ignore[arg-type]
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
@@ -48,4 +78,5 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
-    return distill_flow(DistillConfig.model_validate(config))
+    """The full config (the CLI): the same body as the deployed flow, in a flow run named distill."""
+    return _config_flow(DistillConfig.model_validate(config))

@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from components.eval.config import EvalConfig, ModelRef, SamplingConfig, SuiteConfig
 from components.eval.history import append_history, history_figure, history_uri
 from components.eval.report import markdown_report, table_rows
-from flows.common import convenience, parent_run, run_stage, stage_flow
+from flows.common import config_flow, convenience, parent_run, preset_choice, preset_config, run_stage, stage_flow
 from flows.registry import STAGES
 from infra.contract import StageResult
 from infra.settings import get_settings
@@ -23,12 +23,42 @@ from infra.tracking import metric_key
 log = logging.getLogger(__name__)
 
 
-@flow(name="eval", description=STAGES["eval"].help)
-def eval_flow(config: EvalConfig) -> dict[str, Any]:
+EvalPreset = preset_choice("eval")
+
+
+def _run(config: EvalConfig) -> dict[str, Any]:
     with stage_flow("eval", config) as (parent, _, summary):
         parent.log_text(summary["markdown"], "report.md")
         publish_artifacts(summary, key="eval-report")
     return summary
+
+
+_config_flow = config_flow("eval", _run)
+
+
+@flow(name="eval", description=STAGES["eval"].help)
+def eval_flow(
+    preset: EvalPreset = "tiny",
+    models: list[str] | None = None,
+    dataset: str | None = None,
+    seed: int | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Compare models from a shipped preset's `eval` section.
+
+    Args:
+        preset: shipped preset (configs/NAME.yaml) whose `eval` section is the starting config.
+        models: model URIs to compare, in report order (checkpoints, stage outputs, releases or
+            models:/NAME@ALIAS; empty: the preset's).
+        dataset: prepared dataset of the suite, `suite.dataset` (empty: the preset's; none: the first
+            model's lineage).
+        seed: seed of the samples, `sampling.seed` (empty: the preset's).
+        overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
+            `tokenizer.vocab_size=1024`.
+    """
+    fields = {"models": [{"uri": m} for m in models] if models else None, "suite.dataset": dataset,
+              "sampling.seed": seed}
+    return _run(preset_config("eval", preset, fields, overrides))  # type: ignore[arg-type]
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
@@ -61,13 +91,14 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
-    return eval_flow(EvalConfig.model_validate(config))
+    """The full config (the CLI): the same body as the deployed flow, in a flow run named eval."""
+    return _config_flow(EvalConfig.model_validate(config))
 
 
 # ---- recurring evaluation of the champion ---------------------------------------------------------
 @flow(name="eval-champion", description="Evaluate models:/<name>@<alias> and append to its history plot.")
 def eval_champion_flow(
-    model_name: str = "moeflow",
+    model_name: str = "moeflow-teacher",
     alias: str = "champion",
     dataset: str | None = None,
     task_files: list[str] | None = None,
@@ -77,7 +108,14 @@ def eval_champion_flow(
     """Evaluate the model version the alias points at now, append a row to
     `<store>/eval-history/<name>-<alias>.json`, and log the row and the history plot to MLflow.
 
-    dataset: the suite's prepared dataset (null: the one in the model's lineage); task_files: user JSONL tasks.
+    Args:
+        model_name: registered model name in the MLflow Model Registry (the pipeline registers
+            moeflow-teacher and moeflow-student).
+        alias: the registry alias to evaluate (champion: the last release whose gate passed).
+        dataset: the suite's prepared dataset (empty: the one in the model's lineage).
+        task_files: user JSONL task files added to the suite.
+        max_per_family: at most this many held-out problems per task family.
+        sampling: sampling settings (empty: the eval stage's defaults).
     """
     from components.refs.models import registry_version, resolve_model_ref
 

@@ -16,11 +16,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows import registry
-from flows.common import convenience, parent_run, run_stage
+from flows.common import PRESETS_DIR, convenience, parent_run, run_stage
 from infra.contract import ConfigError, Resources, StageResult
 from infra.settings import get_settings
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = tuple(registry.STAGES)  # a pipeline preset has one section per stage, in pipeline order
 EVAL_NAMES = ("base", "rl", "student")
 
@@ -64,7 +63,12 @@ def _stage(stage: str, config: dict[str, Any], parent_run_id: str, timings: dict
 
 @flow(name="pipeline", description="prep -> pretrain -> RL -> distill -> eval -> release, end to end.")
 def pipeline_flow(preset: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run the whole lifecycle from a preset in `configs/` (`overrides`: `section.key=value` strings)."""
+    """Run the whole lifecycle from a preset.
+
+    Args:
+        preset: a preset name in configs/ (e.g. tiny) or a preset YAML path.
+        overrides: `section.key=value` strings applied to the preset, e.g. `pretrain.steps=100`.
+    """
     cfg = load_preset(preset, overrides)
     timings: dict[str, float] = {}
     results: dict[str, StageResult] = {}

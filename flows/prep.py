@@ -7,16 +7,38 @@ from typing import Any
 from prefect import flow
 
 from components.data.config import PrepConfig
-from flows.common import stage_flow
+from flows.common import config_flow, preset_choice, preset_config, stage_flow
 from flows.registry import STAGES
 from infra.contract import StageResult
 
+PrepPreset = preset_choice("prep")
 
-@flow(name="prep", description=STAGES["prep"].help)
-def prep_flow(config: PrepConfig) -> dict[str, Any]:
+
+def _run(config: PrepConfig) -> dict[str, Any]:
     with stage_flow("prep", config) as (parent, _, summary):
         parent.set_tags({"moeflow.dataset_uri": summary["dataset_uri"]})
     return summary
+
+
+_config_flow = config_flow("prep", _run)
+
+
+@flow(name="prep", description=STAGES["prep"].help)
+def prep_flow(
+    preset: PrepPreset = "tiny",
+    seed: int | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Prepare a dataset from a shipped preset's `prep` section.
+
+    Args:
+        preset: shipped preset (configs/NAME.yaml) whose `prep` section is the starting config.
+        seed: seed of the generators and the split (empty: the preset's).
+        overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
+            `tokenizer.vocab_size=1024`.
+    """
+    fields = {"seed": seed}
+    return _run(preset_config("prep", preset, fields, overrides))  # type: ignore[arg-type]
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
@@ -39,4 +61,5 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
-    return prep_flow(PrepConfig.model_validate(config))
+    """The full config (the CLI): the same body as the deployed flow, in a flow run named prep."""
+    return _config_flow(PrepConfig.model_validate(config))

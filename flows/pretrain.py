@@ -11,16 +11,44 @@ from typing import Any
 from prefect import flow
 
 from components.training.config import PretrainConfig
-from flows.common import stage_flow
+from flows.common import config_flow, preset_choice, preset_config, stage_flow
 from flows.registry import STAGES
 from infra.contract import StageResult
 
+PretrainPreset = preset_choice("pretrain")
 
-@flow(name="pretrain", description=STAGES["pretrain"].help)
-def pretrain_flow(config: PretrainConfig) -> dict[str, Any]:
+
+def _run(config: PretrainConfig) -> dict[str, Any]:
     with stage_flow("pretrain", config, resources=config.resources) as (parent, _, summary):
         parent.set_tags({"moeflow.checkpoint_uri": summary["checkpoint_uri"]})
     return summary
+
+
+_config_flow = config_flow("pretrain", _run)
+
+
+@flow(name="pretrain", description=STAGES["pretrain"].help)
+def pretrain_flow(
+    preset: PretrainPreset = "tiny",
+    dataset: str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Pretrain a model from a shipped preset's `pretrain` section.
+
+    Args:
+        preset: shipped preset (configs/NAME.yaml) whose `pretrain` section is the starting config.
+        dataset: URI of the prepared dataset (`dataset_uri` of a prep run; empty: the preset's).
+        steps: optimizer steps (empty: the preset's).
+        lr: peak learning rate, `optim.lr` (empty: the preset's).
+        seed: seed of the initialisation and the data order (empty: the preset's).
+        overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
+            `tokenizer.vocab_size=1024`.
+    """
+    fields = {"dataset": dataset, "steps": steps, "optim.lr": lr, "seed": seed}
+    return _run(preset_config("pretrain", preset, fields, overrides))  # type: ignore[arg-type]
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
@@ -57,4 +85,5 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
-    return pretrain_flow(PretrainConfig.model_validate(config))
+    """The full config (the CLI): the same body as the deployed flow, in a flow run named pretrain."""
+    return _config_flow(PretrainConfig.model_validate(config))

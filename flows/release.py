@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from components.release.config import ReleaseConfig
-from flows.common import convenience, stage_flow
+from flows.common import config_flow, convenience, preset_choice, preset_config, stage_flow
 from flows.registry import STAGES
 from infra import storage
 from infra.contract import StageResult
@@ -18,8 +18,10 @@ from infra.contract import StageResult
 log = logging.getLogger(__name__)
 
 
-@flow(name="release", description=STAGES["release"].help)
-def release_flow(config: ReleaseConfig) -> dict[str, Any]:
+ReleasePreset = preset_choice("release")
+
+
+def _run(config: ReleaseConfig) -> dict[str, Any]:
     with stage_flow("release", config) as (parent, _, summary):
         parent.set_tags({"moeflow.release_uri": summary["release_uri"],
                          "moeflow.release_sha256": summary["release_sha256"]})
@@ -27,6 +29,32 @@ def release_flow(config: ReleaseConfig) -> dict[str, Any]:
             key="release-card", markdown=storage.read_text(storage.join_uri(summary["release_uri"], "README.md")),
             description="model card of the release"))
     return summary
+
+
+_config_flow = config_flow("release", _run)
+
+
+@flow(name="release", description=STAGES["release"].help)
+def release_flow(
+    preset: ReleasePreset = "tiny",
+    model: str | None = None,
+    eval_report: str | None = None,
+    name: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Package, publish and register a release from a shipped preset's `release` section.
+
+    Args:
+        preset: shipped preset (configs/NAME.yaml) whose `release` section is the starting config.
+        model: model to release: a checkpoint URI, a stage output, a release or models:/NAME@ALIAS
+            (empty: the preset's).
+        eval_report: its evaluation: an eval stage output or report (empty: the preset's).
+        name: registered model name in the MLflow Model Registry (empty: the preset's).
+        overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
+            `tokenizer.vocab_size=1024`.
+    """
+    fields = {"model": model, "eval_report": eval_report, "name": name}
+    return _run(preset_config("release", preset, fields, overrides))  # type: ignore[arg-type]
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
@@ -80,4 +108,5 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
-    return release_flow(ReleaseConfig.model_validate(config))
+    """The full config (the CLI): the same body as the deployed flow, in a flow run named release."""
+    return _config_flow(ReleaseConfig.model_validate(config))

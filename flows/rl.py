@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from components.rl.config import RLConfig
 from components.rl.report import table_for_prefect
-from flows.common import convenience, stage_flow
+from flows.common import config_flow, convenience, preset_choice, preset_config, stage_flow
 from flows.registry import STAGES
 from infra import storage
 from infra.contract import StageResult
@@ -22,13 +22,46 @@ from infra.contract import StageResult
 log = logging.getLogger(__name__)
 
 
-@flow(name="rl", description=STAGES["rl"].help)
-def rl_flow(config: RLConfig) -> dict[str, Any]:
+RLPreset = preset_choice("rl")
+
+
+def _run(config: RLConfig) -> dict[str, Any]:
     with stage_flow("rl", config) as (parent, result, summary):
         parent.set_tags({"moeflow.checkpoint_uri": summary["checkpoint_uri"]})
         convenience("the Prefect artifacts", publish_artifacts, summary,
                     storage.join_uri(result.outputs["report"], "samples.json"))
     return summary
+
+
+_config_flow = config_flow("rl", _run)
+
+
+@flow(name="rl", description=STAGES["rl"].help)
+def rl_flow(
+    preset: RLPreset = "tiny",
+    model: str | None = None,
+    dataset: str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Train a policy with GRPO from a shipped preset's `rl` section.
+
+    Args:
+        preset: shipped preset (configs/NAME.yaml) whose `rl` section is the starting config.
+        model: the model to start from: a checkpoint URI, a stage output, a release or models:/NAME@ALIAS
+            (empty: the preset's).
+        dataset: prepared dataset URI (empty: the preset's; none: the dataset in the model's lineage).
+        steps: GRPO steps, `grpo.steps` (empty: the preset's).
+        lr: learning rate, `grpo.optim.lr` (empty: the preset's).
+        seed: seed of the rollouts and the prompt order (empty: the preset's).
+        overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
+            `tokenizer.vocab_size=1024`.
+    """
+    fields = {"model": model, "dataset": dataset, "grpo.steps": steps, "grpo.optim.lr": lr,
+              "seed": seed}
+    return _run(preset_config("rl", preset, fields, overrides))  # type: ignore[arg-type]
 
 
 def summarize(result: StageResult) -> dict[str, Any]:
@@ -84,4 +117,5 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
-    return rl_flow(RLConfig.model_validate(config))
+    """The full config (the CLI): the same body as the deployed flow, in a flow run named rl."""
+    return _config_flow(RLConfig.model_validate(config))

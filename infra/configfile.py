@@ -34,18 +34,23 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in nested mappings (missing sections are created); a non-mapping on the way is an error."""
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     """Apply `--set a.b.c=value` overrides (the value is parsed as YAML: numbers, booleans, lists)."""
     for item in sets:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-            node = nxt
-        node[parts[-1]] = parse_value(raw)
+        set_path(data, key, parse_value(raw))
     return data

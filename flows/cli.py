@@ -73,11 +73,25 @@ def stage_config(path: str, stage: str, sets: list[str]) -> dict[str, Any]:
     return apply_overrides(dict(section), sets)
 
 
+def _preflight() -> None:
+    """Fail fast, naming the endpoint, when the tracking server or Prefect API does not answer in time."""
+    from infra.doctor import preflight
+    from infra.settings import get_settings
+
+    try:
+        preflight(get_settings())
+    except Exception as exc:
+        raise CliError(f"{type(exc).__name__}: {exc}", code=4) from None
+
+
 # ---- output --------------------------------------------------------------------------------------
 def emit(result: dict[str, Any], as_json: bool, human: str) -> None:
-    print(human, file=sys.stderr)
+    """The human text on stderr, the JSON on stdout; URI passwords masked in both."""
+    from infra.redact import redact
+
+    print(redact(human), file=sys.stderr)
     if as_json:
-        print(json.dumps(result, indent=None, default=str))
+        print(redact(json.dumps(result, indent=None, default=str)))
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -94,6 +108,7 @@ def cmd_stage(stage: str, args: argparse.Namespace) -> int:
         print(f"[{stage}] cached: {plan.output_uri}", file=sys.stderr)
         summary = flows.summarize(cached)
     else:
+        _preflight()
         summary = flows.run(cfg)
     summary["seconds"] = round(time.time() - t0, 2)
     emit(summary, args.json, flows.describe(summary))
@@ -107,6 +122,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise CliError("give one of --preset NAME or --config FILE", code=2)
     preset = args.config or args.preset
     load_preset(preset, args.set)  # fail on bad input before starting anything
+    _preflight()
     t0 = time.time()
     summary = pipeline_flow(preset=preset, overrides=args.set)
     summary["seconds"] = round(time.time() - t0, 2)
@@ -119,7 +135,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from infra.settings import get_settings
 
     settings = get_settings()
-    print(yaml.safe_dump({"settings": settings.masked()}, sort_keys=False), file=sys.stderr)
+    print(yaml.safe_dump({"settings": settings.masked()}, sort_keys=False), file=sys.stderr)  # URIs masked
     checks = run_checks(settings)
     ok = all(c["ok"] for c in checks)
     for c in checks:
@@ -216,7 +232,8 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 def cmd_release_verify(args: argparse.Namespace) -> int:
     from components.release.verify import verify_release
 
-    report = verify_release(args.uri)
+    report = verify_release(args.uri, expect_digest=args.expect_digest, signature=args.signature,
+                            public_key=args.public_key)
     lines = [f"  [{'ok' if c.get('ok') else 'FAIL'}] {c.get('name')}: {c.get('detail', '')}"
              for c in report.get("checks", [])]
     verdict = "release verified" if report["ok"] else "release verification FAILED"
@@ -313,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_k8s_render)
 
     p = groups["release"].add_parser("verify", help="check every SHA-256 and the logits against transformers")
-    p.add_argument("uri", help="release directory URI (local or s3://)")
+    p.add_argument("uri", help="release directory URI (local or s3://), or models:/NAME@ALIAS (then the manifest "
+                               "digest is checked against the registry's moeflow.release_sha256)")
+    p.add_argument("--expect-digest", metavar="SHA256", help="the manifest digest the release must have (from a "
+                                                              "source the release cannot rewrite)")
+    p.add_argument("--public-key", metavar="PEM", help="check the release's model-signing signature with this key")
+    p.add_argument("--signature", metavar="FILE", help="signature bundle (default: model.sig in the release)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_release_verify)
 
@@ -339,17 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     args = build_parser().parse_args(argv)
     from infra.contract import ConfigError, JobFailed
+    from infra.redact import install_log_redaction, redact
+
+    install_log_redaction()
 
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.code
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 3
     except JobFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code or 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -33,6 +33,7 @@ from infra.contract import (
     dist_env,
 )
 from infra.plan import validate_config
+from infra.redact import install_log_redaction
 from infra.settings import get_settings
 from infra.tracking import create_run, git_commit
 
@@ -42,6 +43,7 @@ log = logging.getLogger("moeflow.job")
 def setup_logging(stage: str, rank: int) -> None:
     fmt = f"%(asctime)s {stage}" + (f"[rank{rank}]" if rank else "") + " %(levelname)s %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    install_log_redaction()  # no URI password in any job log line
     for noisy in ("mlflow", "alembic", "botocore", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -364,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     from infra.redact import install_log_redaction, redact
 
     install_log_redaction()
+    from infra.launch.local import install_signal_handlers, stop_running_jobs
+
+    install_signal_handlers()  # SIGTERM / SIGHUP stop the running job first, then end here cleanly
 
     try:
         return int(args.func(args) or 0)
@@ -376,8 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailed as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code or 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        stop_running_jobs()  # SIGINT: the handler above did not run
+        reason = str(exc) or "SIGINT"
+        print(f"interrupted ({reason}); the job was stopped: rerun the same command to resume from its last "
+              "checkpoint", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "interrupted": reason}))
         return 130
 
 

@@ -80,19 +80,23 @@ class Lease:
         self.lost = False
 
     # -- backend primitives: create exclusively / read with version / replace if unchanged ------------------
+    def _s3_put(self, rec: dict[str, Any], what: str, **condition: str | None) -> bool:
+        """A conditional PUT of the lease (IfNoneMatch="*" or IfMatch=etag); False when the condition fails."""
+        bucket, key = s3.split_object(self.uri)
+        try:
+            with s3._errors(self.uri, what):
+                self._etag = s3.get_client().put_object(Bucket=bucket, Key=key, Body=json.dumps(rec).encode(),
+                                                        **condition)["ETag"]
+        except StorageError as e:
+            if isinstance(e.__cause__, ClientError) and _precondition(e.__cause__):
+                return False
+            raise
+        return True
+
     def _create(self, rec: dict[str, Any]) -> bool:
         data = json.dumps(rec).encode()
         if ops.is_remote(self.uri):
-            bucket, key = s3.split_object(self.uri)
-            try:
-                with s3._errors(self.uri, "create the lease"):
-                    self._etag = s3.get_client().put_object(Bucket=bucket, Key=key, Body=data,
-                                                            IfNoneMatch="*")["ETag"]
-            except StorageError as e:
-                if isinstance(e.__cause__, ClientError) and _precondition(e.__cause__):
-                    return False
-                raise
-            return True
+            return self._s3_put(rec, "create the lease", IfNoneMatch="*")
         path = local_path(self.uri)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -122,16 +126,7 @@ class Lease:
     def _take_over(self, rec: dict[str, Any], etag: str | None) -> bool:
         new = _record(self.token)
         if ops.is_remote(self.uri):
-            bucket, key = s3.split_object(self.uri)
-            try:
-                with s3._errors(self.uri, "take over the lease"):
-                    self._etag = s3.get_client().put_object(Bucket=bucket, Key=key, Body=json.dumps(new).encode(),
-                                                            IfMatch=etag)["ETag"]
-            except StorageError as e:
-                if isinstance(e.__cause__, ClientError) and _precondition(e.__cause__):
-                    return False
-                raise
-            return True
+            return self._s3_put(new, "take over the lease", IfMatch=etag)
         path = local_path(self.uri)
         aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.stale")
         try:
@@ -182,12 +177,13 @@ class Lease:
                     self.lost = True
                     log.error("lost the lease of %s (now %s)", self.output_uri, _describe(rec or {}))
                     return
-                data = json.dumps({**rec, "heartbeat": time.time()}).encode()
-                if ops.is_remote(self.uri):
-                    bucket, key = s3.split_object(self.uri)
-                    self._etag = s3.get_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=etag)["ETag"]
-                else:
-                    ops.write_bytes(self.uri, data)
+                fresh = {**rec, "heartbeat": time.time()}
+                if not ops.is_remote(self.uri):
+                    ops.write_bytes(self.uri, json.dumps(fresh).encode())
+                elif not self._s3_put(fresh, "renew the lease", IfMatch=etag):
+                    self.lost = True
+                    log.error("lost the lease of %s: it changed under us", self.output_uri)
+                    return
             except Exception as exc:  # a missed beat is not fatal; ttl_s leaves room for several
                 log.warning("lease heartbeat for %s failed: %s", self.output_uri, exc)
 

@@ -20,6 +20,7 @@ import yaml
 
 from flows import registry
 from infra.configfile import apply_overrides, load_yaml
+from infra.redact import redact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
@@ -87,8 +88,6 @@ def _preflight() -> None:
 # ---- output --------------------------------------------------------------------------------------
 def emit(result: dict[str, Any], as_json: bool, human: str) -> None:
     """The human text on stderr, the JSON on stdout; URI passwords masked in both."""
-    from infra.redact import redact
-
     print(redact(human), file=sys.stderr)
     if as_json:
         print(redact(json.dumps(result, indent=None, default=str)))
@@ -105,7 +104,7 @@ def cmd_stage(stage: str, args: argparse.Namespace) -> int:
     flows = registry.get(stage).flow_module
     if cached is not None:
         # Fully cached: no need to start an orchestrator to learn what we already know.
-        print(f"[{stage}] cached: {plan.output_uri}", file=sys.stderr)
+        print(redact(f"[{stage}] cached: {plan.output_uri}"), file=sys.stderr)
         summary = flows.summarize(cached)
     else:
         _preflight()
@@ -261,7 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         raise CliError("moeflow serve needs a Prefect server to register with: set MOEFLOW_PREFECT_API_URL, "
                        "or run `moeflow up`, which starts a local one with the UIs", code=2)
-    print(f"serving every deployment of prefect.yaml against {os.environ['PREFECT_API_URL']} (Ctrl-C stops)",
+    print(redact(f"serving every deployment of prefect.yaml against {os.environ['PREFECT_API_URL']} (Ctrl-C stops)"),
           file=sys.stderr)
     serve_all()
     return 0
@@ -271,7 +270,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from infra.local_services import LocalServices
 
     with LocalServices(prefect_port=args.prefect_port, mlflow_port=args.mlflow_port) as services:
-        print(services.banner(), file=sys.stderr, flush=True)
+        print(redact(services.banner()), file=sys.stderr, flush=True)
         if args.no_serve:
             services.wait()
         else:
@@ -361,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     args = build_parser().parse_args(argv)
     from infra.contract import ConfigError, JobFailed
-    from infra.redact import install_log_redaction, redact
+    from infra.redact import install_log_redaction
 
     install_log_redaction()
     from infra.launch.local import install_signal_handlers, stop_running_jobs

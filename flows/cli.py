@@ -20,6 +20,7 @@ import yaml
 
 from flows import registry
 from infra.configfile import apply_overrides, load_yaml
+from infra.redact import redact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
@@ -83,11 +84,23 @@ def stage_config(path: str, stage: str, sets: list[str]) -> dict[str, Any]:
     return apply_overrides(dict(section), sets)
 
 
+def _preflight() -> None:
+    """Fail fast, naming the endpoint, when the tracking server or Prefect API does not answer in time."""
+    from infra.doctor import preflight
+    from infra.settings import get_settings
+
+    try:
+        preflight(get_settings())
+    except Exception as exc:
+        raise CliError(f"{type(exc).__name__}: {exc}", code=4) from None
+
+
 # ---- output --------------------------------------------------------------------------------------
 def emit(result: dict[str, Any], as_json: bool, human: str) -> None:
-    print(human, file=sys.stderr)
+    """The human text on stderr, the JSON on stdout; URI passwords masked in both."""
+    print(redact(human), file=sys.stderr)
     if as_json:
-        print(json.dumps(result, indent=None, default=str))
+        print(redact(json.dumps(result, indent=None, default=str)))
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -101,9 +114,10 @@ def cmd_stage(stage: str, args: argparse.Namespace) -> int:
     flows = registry.get(stage).flow_module
     if cached is not None:
         # Fully cached: no need to start an orchestrator to learn what we already know.
-        print(f"[{stage}] cached: {plan.output_uri}", file=sys.stderr)
+        print(redact(f"[{stage}] cached: {plan.output_uri}"), file=sys.stderr)
         summary = flows.summarize(cached)
     else:
+        _preflight()
         summary = flows.run(cfg)
     summary["seconds"] = round(time.time() - t0, 2)
     emit(summary, args.json, flows.describe(summary))
@@ -117,6 +131,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise CliError("give one of --preset NAME or --config FILE", code=2)
     preset = args.config or args.preset
     load_preset(preset, args.set)  # fail on bad input before starting anything
+    _preflight()
     t0 = time.time()
     summary = pipeline_flow(preset=preset, overrides=args.set)
     summary["seconds"] = round(time.time() - t0, 2)
@@ -129,7 +144,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from infra.settings import get_settings
 
     settings = get_settings()
-    print(yaml.safe_dump({"settings": settings.masked()}, sort_keys=False), file=sys.stderr)
+    print(yaml.safe_dump({"settings": settings.masked()}, sort_keys=False), file=sys.stderr)  # URIs masked
     checks = run_checks(settings)
     ok = all(c["ok"] for c in checks)
     for c in checks:
@@ -226,7 +241,8 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 def cmd_release_verify(args: argparse.Namespace) -> int:
     from components.release.verify import verify_release
 
-    report = verify_release(args.uri)
+    report = verify_release(args.uri, expect_digest=args.expect_digest, signature=args.signature,
+                            public_key=args.public_key)
     lines = [f"  [{'ok' if c.get('ok') else 'FAIL'}] {c.get('name')}: {c.get('detail', '')}"
              for c in report.get("checks", [])]
     verdict = "release verified" if report["ok"] else "release verification FAILED"
@@ -254,7 +270,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         raise CliError("moeflow serve needs a Prefect server to register with: set MOEFLOW_PREFECT_API_URL, "
                        "or run `moeflow up`, which starts a local one with the UIs", code=2)
-    print(f"serving every deployment of prefect.yaml against {os.environ['PREFECT_API_URL']} (Ctrl-C stops)",
+    print(redact(f"serving every deployment of prefect.yaml against {os.environ['PREFECT_API_URL']} (Ctrl-C stops)"),
           file=sys.stderr)
     serve_all()
     return 0
@@ -264,7 +280,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from infra.local_services import LocalServices
 
     with LocalServices(prefect_port=args.prefect_port, mlflow_port=args.mlflow_port) as services:
-        print(services.banner(), file=sys.stderr, flush=True)
+        print(redact(services.banner()), file=sys.stderr, flush=True)
         if args.no_serve:
             services.wait()
         else:
@@ -325,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_k8s_render)
 
     p = groups["release"].add_parser("verify", help="check every SHA-256 and the logits against transformers")
-    p.add_argument("uri", help="release directory URI (local or s3://)")
+    p.add_argument("uri", help="release directory URI (local or s3://), or models:/NAME@ALIAS (then the manifest "
+                               "digest is checked against the registry's moeflow.release_sha256)")
+    p.add_argument("--expect-digest", metavar="SHA256", help="the manifest digest the release must have (from a "
+                                                              "source the release cannot rewrite)")
+    p.add_argument("--public-key", metavar="PEM", help="check the release's model-signing signature with this key")
+    p.add_argument("--signature", metavar="FILE", help="signature bundle (default: model.sig in the release)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_release_verify)
 
@@ -362,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from infra.contract import ConfigError, JobFailed
+    from infra.redact import install_log_redaction
     from infra.settings import settings_error
+
+    install_log_redaction()
+    from infra.launch.local import install_signal_handlers, stop_running_jobs
+
+    install_signal_handlers()  # SIGTERM / SIGHUP stop the running job first, then end here cleanly
 
     try:
         _quiet_defaults(args.debug)
@@ -373,21 +400,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {settings_error(exc)}", file=sys.stderr)
         return 2
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.code
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 3
-    except JobFailed as exc:  # the job's lines were streamed above: end with its cause, once
-        print(f"error: {job_failure(exc)}", file=sys.stderr)
+    except JobFailed as exc:
+        print(f"error: {redact(job_failure(exc))}", file=sys.stderr)
         return exc.exit_code or 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        stop_running_jobs()  # SIGINT: the handler above did not run
+        reason = str(exc) or "SIGINT"
+        print(f"interrupted ({reason}); the job was stopped: rerun the same command to resume from its last "
+              "checkpoint", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "interrupted": reason}))
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug or an unexpected failure: one line unless --debug
         if args.debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc}\n(run `moeflow --debug ...` for the traceback)", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {redact(str(exc))}\n(run `moeflow --debug ...` for the traceback)",
+              file=sys.stderr)
         return 1
 
 

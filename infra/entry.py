@@ -10,6 +10,7 @@ Reads the job config by URI, validates it, opens a child MLflow run (rank 0), ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -32,8 +33,11 @@ from infra.contract import (
     StageResult,
     dist_env,
 )
+from infra.owner import start_owner_watchdog
 from infra.plan import validate_config
+from infra.redact import install_log_redaction
 from infra.settings import get_settings
+from infra.storage.lease import Lease, LeaseHeld
 from infra.tracking import create_run, git_commit
 
 log = logging.getLogger("moeflow.job")
@@ -42,6 +46,7 @@ log = logging.getLogger("moeflow.job")
 def setup_logging(stage: str, rank: int) -> None:
     fmt = f"%(asctime)s {stage}" + (f"[rank{rank}]" if rank else "") + " %(levelname)s %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    install_log_redaction()  # no URI password in any job log line
     for noisy in ("mlflow", "alembic", "botocore", "urllib3", "httpx", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -68,33 +73,35 @@ def run_job(stage: str, impl: StageImpl, payload: dict[str, Any]) -> StageResult
     }
     workdir = settings.home / "work" / f"{stage}-{payload['key'][:16]}" / f"rank{rank}"
     workdir.mkdir(parents=True, exist_ok=True)
-    tracker: Any = NullTracker()
-    if rank == 0:
-        tracker = create_run(stage, parent_run_id=payload.get("parent_run_id"),
-                             tags={"moeflow.stage": stage, "moeflow.key": payload["key"],
-                                   "prefect.flow_run_id": payload.get("prefect_flow_run_id")})
-        lineage["mlflow_run_id"] = tracker.run_id
-        tracker.log_params(payload["config"])
-    ctx = StageContext(stage=stage, output_uri=payload["output_uri"], workdir=workdir, tracker=tracker,
-                       lineage=lineage, inputs=dict(payload["inputs"]), rank=rank, world_size=world,
-                       local_rank=local_rank, settings=settings)
-    t0 = time.time()
-    status = "FAILED"
-    try:
-        out = impl.run(cfg, ctx)
-        seconds = time.time() - t0
-        # `extra` as JSON gives it back: a cached result reads exactly what a fresh run returned
-        extra = json.loads(json.dumps(out.extra, default=str))
-        result = StageResult(stage=stage, outputs=out.outputs, metrics=out.metrics, extra=extra, lineage=lineage,
-                             mlflow_run_id=tracker.run_id, seconds=seconds)
+    # one writer per content-addressed output: a second run of the same stage fails naming the first
+    with Lease(payload["output_uri"]) if rank == 0 else contextlib.nullcontext():
+        tracker: Any = NullTracker()
         if rank == 0:
-            tracker.log_metrics({"stage_seconds": seconds})
-            storage.write_json(payload["result_uri"], result.model_dump(mode="json"))
-        status = "FINISHED"
-        return result
-    finally:
-        if rank == 0:
-            tracker.end(status)
+            tracker = create_run(stage, parent_run_id=payload.get("parent_run_id"),
+                                 tags={"moeflow.stage": stage, "moeflow.key": payload["key"],
+                                       "prefect.flow_run_id": payload.get("prefect_flow_run_id")})
+            lineage["mlflow_run_id"] = tracker.run_id
+            tracker.log_params(payload["config"])
+        ctx = StageContext(stage=stage, output_uri=payload["output_uri"], workdir=workdir, tracker=tracker,
+                           lineage=lineage, inputs=dict(payload["inputs"]), rank=rank, world_size=world,
+                           local_rank=local_rank, settings=settings)
+        t0 = time.time()
+        status = "FAILED"
+        try:
+            out = impl.run(cfg, ctx)
+            seconds = time.time() - t0
+            # `extra` as JSON gives it back: a cached result reads exactly what a fresh run returned
+            extra = json.loads(json.dumps(out.extra, default=str))
+            result = StageResult(stage=stage, outputs=out.outputs, metrics=out.metrics, extra=extra, lineage=lineage,
+                                 mlflow_run_id=tracker.run_id, seconds=seconds)
+            if rank == 0:
+                tracker.log_metrics({"stage_seconds": seconds})
+                storage.write_json(payload["result_uri"], result.model_dump(mode="json"))
+            status = "FINISHED"
+            return result
+        finally:
+            if rank == 0:
+                tracker.end(status)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -120,6 +127,7 @@ def _main(argv: list[str] | None, resolve: Callable[[str], StageImpl]) -> int:
     rank = dist_env()[0]
     setup_logging(args.stage, rank)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # cancellation: run cleanup, mark the run KILLED
+    start_owner_watchdog()  # the launcher is gone (even SIGKILLed): stop, leaving the last checkpoint
     try:
         payload = storage.read_json(args.config)
         if payload.get("stage") != args.stage:
@@ -130,7 +138,7 @@ def _main(argv: list[str] | None, resolve: Callable[[str], StageImpl]) -> int:
         return 130
     except Exception as exc:  # the exit code is the job's contract with its launcher
         code = exit_code_for(exc)
-        if code == EXIT_FAILED:
+        if code == EXIT_FAILED and not isinstance(exc, LeaseHeld):
             log.error("stage %s failed:\n%s", args.stage, traceback.format_exc())
         else:
             log.error("stage %s failed: %s", args.stage, exc)

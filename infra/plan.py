@@ -53,8 +53,22 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _tree_hash(uri: str) -> str:
+    """SHA-256 over (relative path, SHA-256) of every file under a plain directory / prefix (symlinks refused)."""
+    prefix = storage.join_uri(uri, "x")[:-1]
+    h = hashlib.sha256()
+    for file_uri in storage.list_uris(uri):
+        with storage.open_read(file_uri) as f:
+            fh = hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 20), b""):  # noqa: B023 - f is the loop's own file
+                fh.update(chunk)
+        h.update(f"{file_uri[len(prefix):]}\0{fh.hexdigest()}\n".encode())
+    return "tree:" + h.hexdigest()
+
+
 def content_hash(uri: str) -> str:
-    """The content hash of an input: a published output's manifest digest, or a file's SHA-256."""
+    """The content hash of an input: a published output's manifest digest, a file's SHA-256, or for a plain
+    directory (a prep source of many files) the hash of its files' paths and SHA-256s."""
     if not storage.is_remote(uri):
         path = Path(uri.removeprefix("file://"))
         if path.is_file():
@@ -64,9 +78,13 @@ def content_hash(uri: str) -> str:
     manifest = storage.read_manifest(uri)
     if manifest is not None:
         return "manifest:" + manifest.digest()
+    try:
+        if storage.list_uris(uri):
+            return _tree_hash(uri)
+    except storage.StorageError as exc:  # a symlink or FIFO in the directory, an unreadable file
+        raise ConfigError(f"input {uri}: {exc}") from None
     if not storage.is_remote(uri):
-        raise ConfigError(f"input {uri} is a directory without a {storage.MANIFEST_NAME}: "
-                          "not a published output")
+        raise ConfigError(f"input {uri} is an empty directory")
     try:
         with storage.open_read(uri) as f:
             h = hashlib.sha256()

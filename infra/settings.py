@@ -21,6 +21,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from infra.redact import redact
+
 
 class S3Settings(BaseModel):
     """S3-compatible object storage (AWS, MinIO, Ceph, moto...)."""
@@ -33,7 +35,9 @@ class S3Settings(BaseModel):
     addressing_style: Literal["path", "virtual", "auto"] = Field(
         "path", description="path-style works with every S3-compatible store"
     )
-    max_attempts: int = Field(8, ge=1, description="retries with exponential backoff (botocore 'standard')")
+    max_attempts: int = Field(3, ge=1, description="attempts per request, exponential backoff (botocore 'standard')")
+    connect_timeout_s: float = Field(5, gt=0, description="seconds to open a connection to the endpoint")
+    read_timeout_s: float = Field(30, gt=0, description="seconds to wait for each read of a response")
     multipart_threshold_mb: int = Field(64, ge=5, description="files above this size upload in parts")
 
 
@@ -72,6 +76,13 @@ class Settings(BaseSettings):
     prefect_api_url: str | None = Field(None, description="Prefect API; None = ephemeral in-process API")
     mlflow_ui_url: str = Field("http://127.0.0.1:5000", description="where users open the MLflow UI (links)")
     prefect_ui_url: str = Field("http://127.0.0.1:4200", description="where users open the Prefect UI (links)")
+    service_timeout_s: float = Field(
+        10, gt=0, description="limit of each call to MLflow / Prefect made at start-up and of each doctor check")
+    release_signing_key: Path | None = Field(
+        None, description="PEM private key (elliptic curve): releases are signed with OpenSSF model-signing")
+    data_roots: list[Path] | None = Field(
+        None, description="directories local prep sources must lie in (symlinks and '..' out are refused); "
+                          "None = any directory, but never a symlink out of the source's own directory")
     s3: S3Settings = Field(default_factory=S3Settings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
 
@@ -100,7 +111,8 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
 
     def masked(self) -> dict[str, Any]:
-        """The settings as plain data with every secret replaced by '***' (for printing and logging)."""
+        """The settings as plain data with every secret and URI password replaced by '***' (for printing and
+        logging)."""
 
         def walk(v: Any) -> Any:
             if isinstance(v, SecretStr):
@@ -113,6 +125,8 @@ class Settings(BaseSettings):
                 return [walk(x) for x in v]
             if isinstance(v, Path):
                 return str(v)
+            if isinstance(v, str):
+                return redact(v)  # a password inside a URI (http://user:pw@host) never prints
             return v
 
         return walk(self)

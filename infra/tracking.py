@@ -22,7 +22,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from infra.redact import mask_uri, redact
 from infra.settings import Settings, get_settings
+from infra.timeouts import call_with_timeout
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +124,14 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(metric_key(k), str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        items = [Param(metric_key(k), redact(str(v))[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        items = [RunTag(k, redact(str(v))) for k, v in tags.items() if v is not None]
         if items:
             self.client.log_batch(self.run_id, tags=items)
 
@@ -184,7 +186,11 @@ def create_run(name: str, *, parent_run_id: str | None = None, tags: Mapping[str
                settings: Settings | None = None) -> Tracker:
     """Create an MLflow run (child of `parent_run_id` when given), tagged with the git commit."""
     settings = settings or get_settings()
-    exp = experiment_id(settings)
+    if settings.tracking_uri.startswith(("http://", "https://")):  # a server that may not answer: bounded
+        exp = call_with_timeout(lambda: experiment_id(settings), settings.service_timeout_s,
+                                f"MLflow tracking server {mask_uri(settings.tracking_uri)}")
+    else:  # SQLite: the first call migrates the database, which may take long on a busy machine
+        exp = experiment_id(settings)
     all_tags = {"moeflow.git_commit": git_commit(), "mlflow.source.git.commit": git_commit()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -192,7 +198,7 @@ def create_run(name: str, *, parent_run_id: str | None = None, tags: Mapping[str
         all_tags["prefect.flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
     all_tags.update(tags or {})
     run = _client(settings).create_run(
-        exp, run_name=name, tags={k: str(v) for k, v in all_tags.items() if v is not None}
+        exp, run_name=name, tags={k: redact(str(v)) for k, v in all_tags.items() if v is not None}
     )
     return Tracker(run.info.run_id, settings)
 

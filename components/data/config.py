@@ -35,7 +35,8 @@ class SourceConfig(Strict):
 
     uri: str = Field(
         description="local path, file:// or s3://bucket/key of one input file (.jsonl, .jsonl.gz, "
-        ".parquet, .txt, .txt.gz)",
+        ".parquet, .txt, .txt.gz), or of a directory / prefix whose files are all read; a local path must "
+        "lie inside settings.data_roots when set, and symlinks and '..' out of it are refused",
         min_length=1,
     )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
@@ -49,6 +50,41 @@ class SourceConfig(Strict):
         description="plain text only: 'file' = the whole file is one document; 'paragraph' = every "
         "blank-line-separated paragraph is a document",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _confined(cls, uri: str) -> str:
+        confine_local_source(uri)
+        return uri
+
+
+def confine_local_source(uri: str) -> None:
+    """Refuse a local source outside `settings.data_roots` (after resolving symlinks), a path with `..`, and,
+    when no roots are configured, a source that is itself a symlink. Files inside a directory source are
+    never followed through symlinks either (the storage listing refuses them). Remote URIs pass."""
+    from pathlib import Path
+
+    from infra.settings import get_settings
+    from infra.storage import is_remote
+    from infra.storage.local import local_path
+
+    if is_remote(uri):
+        return
+    path = local_path(uri)
+    if ".." in Path(path).parts:
+        raise ValueError(f"{uri}: '..' is not allowed in a local source path; name the file directly")
+    roots = get_settings().data_roots
+    if not roots:
+        if path.is_symlink():
+            raise ValueError(f"{uri} is a symlink (to {path.resolve()}): name the file itself, or allow its "
+                             "directory in settings.data_roots (MOEFLOW_DATA_ROOTS)")
+        return
+    real = path.resolve()
+    allowed = [Path(r).expanduser().resolve() for r in roots]
+    if not any(real == r or r in real.parents for r in allowed):
+        shown = ", ".join(map(str, allowed))
+        raise ValueError(f"{uri} resolves to {real}, outside the allowed data roots ({shown}); "
+                         "set settings.data_roots (MOEFLOW_DATA_ROOTS) to allow it")
 
 
 class TaskGenConfig(Strict):

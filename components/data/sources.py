@@ -97,11 +97,14 @@ def detect_format(uri: str) -> str | None:
 
 def expand_source(src: SourceConfig) -> list[str]:
     """The file URIs a source names: itself, or the files under it when it is a directory / prefix."""
-    from infra.storage import exists, list_uris
+    from infra.storage import StorageError, exists, list_uris
 
     if not exists(src.uri):
         raise PrepError(f"{src.uri}: input does not exist (sources[].uri)")
-    files = list_uris(src.uri)
+    try:
+        files = list_uris(src.uri)
+    except StorageError as e:  # a symlink or FIFO inside a directory source: refused, never followed
+        raise PrepError(f"{src.uri}: {e} (sources[].uri)") from e
     if not files:
         return [src.uri]
     files = [u for u in files if not u.rsplit("/", 1)[-1].startswith((".", "_"))]

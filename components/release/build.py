@@ -23,7 +23,7 @@ from infra.contract import ConfigError
 
 from .card import ReleaseCard, license_text, render_card
 from .prompting import write_prompting
-from .verify import SUMS_NAME, probe_inputs, sha256sums_text
+from .verify import SUMS_NAME, probe_inputs, sha256sums_text, sign_release
 
 TOKENIZER_REQUIRED = ("tokenizer.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -98,11 +98,20 @@ def build_release(model: torch.nn.Module, out_dir: str | Path, *, tokenizer_dir:
             "export_max_abs_diff": diff, "model_info": info}
 
 
-def publish_release(local_dir: str | Path, uri: str, *, meta: dict[str, Any] | None = None) -> storage.Manifest:
+def publish_release(local_dir: str | Path, uri: str, *, meta: dict[str, Any] | None = None,
+                    signing_key: str | Path | None = None) -> storage.Manifest:
     """Publish a built release at `uri` (local path or s3://): files first, MANIFEST.json last. Returns the
-    manifest; its ``digest()`` is the release's content hash (the registry's ``moeflow.release_sha256``)."""
+    manifest; its ``digest()`` is the release's content hash (the registry's ``moeflow.release_sha256``).
+    With `signing_key` (default: ``settings.release_signing_key``) the release is signed first (model.sig)."""
+    from infra.settings import get_settings
+
     local = Path(local_dir)
     if not (local / SUMS_NAME).is_file():
         raise ValueError(f"{local} is not a built release (no {SUMS_NAME}); build it with build_release")
     json.dumps(meta or {})  # fail before uploading anything
+    key = signing_key or get_settings().release_signing_key
+    if key:
+        if not Path(key).is_file():
+            raise ValueError(f"release_signing_key {key}: no such file (a PEM elliptic-curve private key)")
+        sign_release(local, key)
     return storage.publish_dir(local, uri, meta={"kind": "release", **(meta or {})}, overwrite=True)

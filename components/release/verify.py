@@ -17,8 +17,15 @@ Checks, each reported (name, ok, detail) and none stopping the others:
    there are results) and the card names no absolute local path.
 7. ``logits``: both models, float32, on fixed inputs (seeded random ids and the tokenized text): the
    largest absolute difference must be at most ``atol`` and every logit finite.
-A remote release is downloaded into a temporary directory; a local one is read in place. Library
-warnings raised while loading are captured into the report (``warnings``), not printed.
+8. ``registry digest``: the manifest's digest against one the release cannot rewrite -- the registry's
+   ``moeflow.release_sha256`` tag for a ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) reference, or
+   ``expect_digest`` (``--expect-digest``) for a directory. Without either, steps 1-7 only prove the release
+   is self-consistent: a consistently rewritten release (weights, MANIFEST.json and SHA256SUMS) passes them.
+9. ``signature``: with a public key, the OpenSSF ``model-signing`` signature (``model.sig`` in the release,
+   or ``signature``) over every file but MANIFEST.json and the signature itself.
+A remote release is downloaded into a temporary directory; a local one is read in place; symlinks and
+non-regular files are refused, never followed. Library warnings raised while loading are captured into
+the report (``warnings``), not printed.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 from infra import storage
 
 SUMS_NAME = "SHA256SUMS"
+SIGNATURE_NAME = "model.sig"  # OpenSSF model-signing bundle, written after SHA256SUMS (not listed in it)
 REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
                   "LICENSE", SUMS_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -186,6 +194,9 @@ def _check_files(root: Path, manifest: storage.Manifest | None, present: list[st
         path = root / rel
         problems = []
         entry = listed_manifest.get(rel)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            add(f"sha256 {rel}", False, "a symlink or not a regular file: refused, not followed", file=rel)
+            continue
         if not path.is_file():
             add(f"sha256 {rel}", False, "missing (listed but not in the release)", file=rel)
             continue
@@ -196,7 +207,7 @@ def _check_files(root: Path, manifest: storage.Manifest | None, present: list[st
             problems.append(f"SHA-256 {actual[:16]}... differs from {storage.MANIFEST_NAME}'s {entry.sha256[:16]}...")
         if entry is not None and entry.size != path.stat().st_size:
             problems.append(f"size {path.stat().st_size} differs from {storage.MANIFEST_NAME}'s {entry.size}")
-        if rel != SUMS_NAME:
+        if rel not in (SUMS_NAME, SIGNATURE_NAME):
             if rel not in sums:
                 problems.append(f"not listed in {SUMS_NAME}")
             elif sums[rel] != actual:
@@ -371,14 +382,71 @@ def _check_prompting(root: Path, present: list[str], add: AddCheck) -> None:
             add("model card", False, f"unreadable front matter: {_err(exc)}", file="README.md")
 
 
-def verify_release(uri: str, *, atol: float = 1e-4) -> dict[str, Any]:
-    """Verify the release at `uri` (see the module docstring). Never raises for a bad release.
+def _registry_digest(ref: str) -> tuple[str, str | None, str]:
+    """(release URI, recorded digest or None, which model version) of a ``models:/`` reference."""
+    from components.refs.models import REGISTRY_PREFIX, resolve_model_ref
+
+    from .registry import RELEASE_SHA_TAG, _client
+
+    body = ref[len(REGISTRY_PREFIX):]
+    client = _client()
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, version = body.rsplit("/", 1)
+        mv = client.get_model_version(name, version)
+    return resolve_model_ref(ref), (mv.tags or {}).get(RELEASE_SHA_TAG), f"{mv.name} version {mv.version}"
+
+
+def _check_signature(root: Path, signature: str | Path | None, public_key: str | Path, add: AddCheck) -> None:
+    sig = Path(signature) if signature else root / SIGNATURE_NAME
+    if not sig.is_file():
+        add("signature", False, f"no signature: {sig.name} is not in the release (sign it: release_signing_key)",
+            file=SIGNATURE_NAME)
+        return
+    try:
+        import model_signing
+    except ImportError as exc:
+        add("signature", False, f"cannot check the signature: {_err(exc)} (install model-signing)")
+        return
+    try:
+        (model_signing.verifying.Config().use_elliptic_key_verifier(public_key=Path(public_key))
+         .set_hashing_config(_hashing_config()).verify(root, sig))
+    except Exception as exc:  # model-signing raises ValueError on a mismatch, others on a corrupt bundle
+        add("signature", False, f"signature does not match {Path(public_key).name}: {_err(exc)}")
+        return
+    add("signature", True, f"signed by the key of {Path(public_key).name}; every file matches")
+
+
+def _hashing_config():
+    import model_signing
+
+    return model_signing.hashing.Config().set_ignored_paths(paths=[storage.MANIFEST_NAME, SIGNATURE_NAME],
+                                                            ignore_git_paths=False)
+
+
+def sign_release(local_dir: str | Path, private_key: str | Path) -> Path:
+    """Sign a built release directory with OpenSSF model-signing (an elliptic-curve PEM private key), into
+    ``model.sig`` inside it; MANIFEST.json (written later, at publish) and the signature are not covered."""
+    import model_signing
+
+    root = Path(local_dir)
+    (model_signing.signing.Config().use_elliptic_key_signer(private_key=Path(private_key))
+     .set_hashing_config(_hashing_config()).sign(root, root / SIGNATURE_NAME))
+    return root / SIGNATURE_NAME
+
+
+def verify_release(uri: str, *, atol: float = 1e-4, expect_digest: str | None = None,
+                   signature: str | Path | None = None, public_key: str | Path | None = None) -> dict[str, Any]:
+    """Verify the release at `uri` -- a directory URI or ``models:/NAME@ALIAS`` (see the module docstring).
+    Never raises for a bad release.
 
     Returns ``{"uri", "ok", "checks": [{"name", "ok", "detail", "file"?}], "failed_files": [...],
-    "max_abs_diff": float | None, "warnings": [...], "manifest_digest": str | None}``.
+    "max_abs_diff": float | None, "warnings": [...], "manifest_digest": str | None, "trusted_digest": ...}``.
     """
     report: dict[str, Any] = {"uri": uri, "ok": False, "checks": [], "failed_files": [], "max_abs_diff": None,
-                              "warnings": [], "manifest_digest": None}
+                              "warnings": [], "manifest_digest": None, "trusted_digest": None}
 
     def add(name: str, ok: bool, detail: str, file: str | None = None) -> None:
         check = {"name": name, "ok": bool(ok), "detail": detail}
@@ -388,12 +456,34 @@ def verify_release(uri: str, *, atol: float = 1e-4) -> dict[str, Any]:
                 report["failed_files"].append(file)
         report["checks"].append(check)
 
+    trusted = (expect_digest or "").strip().lower() or None
+    source = "--expect-digest"
+    if uri.startswith("models:/"):
+        try:
+            uri, recorded, source = _registry_digest(uri)
+        except Exception as exc:  # unknown model/alias, unreachable registry
+            add("registry digest", False, f"cannot read the registry's record of {report['uri']}: {_err(exc)}")
+            return report
+        report["release_uri"] = uri
+        if recorded is None:
+            add("registry digest", False, f"{source} has no moeflow.release_sha256 tag: nothing trusted to compare")
+        elif trusted and trusted != recorded:
+            add("registry digest", False, f"--expect-digest {trusted[:16]}... differs from the registry's "
+                                          f"{recorded[:16]}... for {source}")
+        trusted, source = recorded, f"the registry's moeflow.release_sha256 of {source}"
+    report["trusted_digest"] = trusted
     with tempfile.TemporaryDirectory(prefix="moeflow-verify-") as tmp, \
             captured_library_output(report["warnings"]):
         try:
             root, manifest, present = _locate(uri, Path(tmp), add)
             if manifest is not None:
                 report["manifest_digest"] = manifest.digest()
+            if trusted and manifest is not None:
+                same = manifest.digest() == trusted
+                add("registry digest", same, f"manifest digest {manifest.digest()[:16]}... "
+                                             f"{'matches' if same else 'differs from'} {source} ({trusted[:16]}...)")
+            if root is not None and public_key is not None:
+                _check_signature(root, signature, public_key, add)
             if root is not None:
                 _check_files(root, manifest, present, add)
                 layout_ok = _check_layout(root, present, add)

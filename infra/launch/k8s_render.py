@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from infra.contract import EXIT_BAD_INPUT, EXIT_DIVERGED, JOB_ENTRY_MODULE, LABEL_STAGE, JobSpec, Resources
+from infra.redact import has_credentials
 from infra.settings import Settings
 
 CONTAINER = "job"
@@ -152,11 +153,15 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
         "PYTHONUNBUFFERED": "1",
         **spec.env,
     }
-    env: list[dict[str, Any]] = [{"name": k, "value": str(v)} for k, v in plain.items() if v is not None]
+    secret = settings.kubernetes.credentials_secret
+    # A URI carrying a password (http://user:pw@mlflow/) never becomes a plain value: the pod reads it from
+    # the credentials Secret under the variable's own name (create it with that key).
+    env: list[dict[str, Any]] = [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}} if has_credentials(str(v))
+        else {"name": k, "value": str(v)} for k, v in plain.items() if v is not None]
     if spec.resources.nodes > 1:  # the job controller sets it too; declared so that $(...) expands for sure
         env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
-    secret = settings.kubernetes.credentials_secret
     env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
             for var, key in SECRET_ENV.items()]
     return env

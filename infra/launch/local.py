@@ -3,6 +3,11 @@
 Output lines are streamed to `on_log` as they come (carriage-return progress updates too), the timeout
 is enforced, and cancellation sends SIGTERM to the job's whole process group, then SIGKILL after a grace
 period. The job's StageResult is read back from storage, exactly as the Kubernetes backend does.
+
+The job runs in its own session (so its whole group can be signalled) but never outlives its owner: it
+gets SIGTERM when the launching thread dies (PR_SET_PDEATHSIG, Linux), every job process watches the
+owner's pid (`infra.owner`, which also covers torchrun's workers and a SIGKILLed owner), and
+`install_signal_handlers()` (the CLI) stops running jobs before the owner exits on SIGTERM/SIGHUP/SIGINT.
 """
 
 from __future__ import annotations
@@ -18,10 +23,60 @@ import time
 
 from infra import storage
 from infra.contract import JOB_ENTRY_MODULE, JobFailed, JobSpec, Launcher, LogFn, StageResult
+from infra.owner import owner_env
 from infra.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 TAIL_LINES = 40
+_PR_SET_PDEATHSIG = 1
+_running: dict[int, subprocess.Popen] = {}  # pid -> job process, for stop_running_jobs()
+_running_lock = threading.Lock()
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the owner watchdog alone ties the job to us
+        pass
+
+
+def stop_running_jobs(grace_s: float = 10.0) -> int:
+    """SIGTERM every job this process launched (their whole groups), SIGKILL what is left after `grace_s`.
+    Returns how many were running."""
+    with _running_lock:
+        procs = list(_running.values())
+    for proc in procs:
+        _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+    return len(procs)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def install_signal_handlers() -> None:
+    """On SIGTERM or SIGHUP (main thread only): stop the running jobs, then raise KeyboardInterrupt so the
+    owner ends with its own clean message. SIGINT already raises KeyboardInterrupt; the CLI stops the jobs
+    then."""
+
+    def handler(signum: int, frame: object) -> None:
+        stopped = stop_running_jobs()
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name}: stopped {stopped} running job(s)")
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, handler)
 
 
 def job_command(spec: JobSpec) -> list[str]:
@@ -86,11 +141,21 @@ class LocalLauncher(Launcher):
     def run(self, spec: JobSpec, *, on_log: LogFn | None = None,
             cancel: threading.Event | None = None) -> StageResult:
         cmd = job_command(spec)
-        env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1", **owner_env()}
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         log.info("starting job %s: %s", spec.name, " ".join(cmd))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        with _running_lock:
+            _running[proc.pid] = proc
+        try:
+            return self._follow(proc, spec, tail, on_log, cancel)
+        finally:
+            with _running_lock:
+                _running.pop(proc.pid, None)
+
+    def _follow(self, proc: subprocess.Popen, spec: JobSpec, tail: collections.deque[str], on_log: LogFn | None,
+                cancel: threading.Event | None) -> StageResult:
         reader = threading.Thread(target=self._pump, args=(proc, tail, on_log), daemon=True)
         reader.start()
         deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
@@ -125,14 +190,8 @@ class LocalLauncher(Launcher):
 
     def _stop(self, proc: subprocess.Popen) -> None:
         """SIGTERM the job's process group (torchrun forwards it to its workers), then SIGKILL."""
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        _signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=self.grace_s)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal_group(proc, signal.SIGKILL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +87,27 @@ def get_file(uri: str, local: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
+def regular_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """(relative POSIX path, path) of every file under `root`, sorted per directory, links never followed.
+
+    A symlink (to a file or a directory) or a non-regular file (FIFO, socket, device) anywhere under `root`
+    raises StorageError naming it: a manifest built or verified over it could describe bytes outside the
+    output, or block on a FIFO. Write temporaries (`*.moeflow-tmp`) are skipped.
+    """
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            path = base / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                raise StorageError(f"{path} is {kind}: outputs hold regular files only (refused, not followed)")
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.endswith(TMP_SUFFIX):
+                yield (base / name).relative_to(root).as_posix(), base / name
+
+
 def exists(uri: str) -> bool:
     return local_path(uri).exists()
 
@@ -98,9 +120,7 @@ def list_relpaths(uri: str, recursive: bool) -> list[str]:
     out: list[str] = []
     with _errors(uri):
         if recursive:
-            for dirpath, _, filenames in os.walk(root, followlinks=True):
-                rel_dir = Path(dirpath).relative_to(root)
-                out += [(rel_dir / f).as_posix() for f in filenames if not f.endswith(TMP_SUFFIX)]
+            out = [rel for rel, _ in regular_files(root)]
         else:
             out = [p.name for p in root.iterdir() if p.is_file() and not p.name.endswith(TMP_SUFFIX)]
     return sorted(out)

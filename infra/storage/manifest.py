@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
@@ -26,7 +25,7 @@ from infra.settings import get_settings
 
 from . import ops
 from .errors import IntegrityError, NotPublishedError, StorageError
-from .local import atomic_path, local_path
+from .local import atomic_path, local_path, regular_files
 
 MANIFEST_NAME = "MANIFEST.json"
 _PARALLEL_TRANSFERS = 4  # remote files moved at once (each large file is also split in parts by boto3)
@@ -106,14 +105,9 @@ def is_published(uri: str) -> bool:
 
 
 def _scan(root: Path) -> dict[str, Path]:
-    """Relative POSIX path -> file, for every file under root (a top-level MANIFEST.json is skipped)."""
-    found: dict[str, Path] = {}
-    for dirpath, _, filenames in os.walk(root, followlinks=True):
-        for name in filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if rel != MANIFEST_NAME:
-                found[check_relpath(rel)] = path
+    """Relative POSIX path -> file, for every file under root (a top-level MANIFEST.json is skipped).
+    Symlinks and non-regular files are refused (StorageError naming them), never followed."""
+    found = {check_relpath(rel): path for rel, path in regular_files(root) if rel != MANIFEST_NAME}
     return dict(sorted(found.items()))
 
 
@@ -191,6 +185,8 @@ def publish_dir(
 
 
 def _verify(path: Path, entry: FileEntry, file_uri: str, verify: bool) -> None:
+    if path.is_symlink():
+        raise IntegrityError(f"{file_uri} is a symlink: outputs hold regular files only (refused, not followed)")
     if not path.is_file():
         raise IntegrityError(f"{file_uri} is listed in the manifest but missing")
     size = path.stat().st_size
@@ -237,6 +233,8 @@ def fetch_dir(uri: str, local_dir: str | Path | None = None, *, verify: bool = T
         local_dir = None  # fetching a local output onto itself: just verify it in place
     if local_dir is None and local_source:
         root = local_path(uri)
+        for _ in regular_files(root):  # refuses a symlinked file or directory anywhere in the output
+            pass
         for rel, entry in manifest.files.items():
             _verify(root / rel, entry, ops.join_uri(uri, rel), verify)
         return root

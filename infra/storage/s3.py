@@ -1,7 +1,9 @@
 """S3 backend (AWS or any S3-compatible store: MinIO, Ceph, moto...) through boto3.
 
 The client follows `settings.s3`: custom endpoint, path-style addressing, botocore "standard" retries
-with exponential backoff (`max_attempts` attempts in all, the first included), and, for custom
+with exponential backoff (`max_attempts` attempts in all, the first included), bounded waits
+(`connect_timeout_s`, `read_timeout_s`: an endpoint that never answers fails in about
+attempts x timeout, with a message naming the endpoint), and, for custom
 endpoints, checksums only where the operation requires them (boto3 >= 1.36 otherwise sends CRC
 checksums that many S3-compatible stores reject). Files above `multipart_threshold_mb` upload and
 download in parts. One client is cached per (endpoint, region, credentials, ...); `reset_clients()`
@@ -21,7 +23,14 @@ import boto3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
 
 from infra.settings import S3Settings, get_settings
 
@@ -74,7 +83,8 @@ def get_client() -> Any:
             "set both s3.access_key_id and s3.secret_access_key (MOEFLOW_S3__ACCESS_KEY_ID / "
             "MOEFLOW_S3__SECRET_ACCESS_KEY), or neither to use boto3's default credential chain"
         )
-    key = (cfg.endpoint_url, cfg.region, ak, sk, cfg.addressing_style, cfg.max_attempts)
+    key = (cfg.endpoint_url, cfg.region, ak, sk, cfg.addressing_style, cfg.max_attempts, cfg.connect_timeout_s,
+           cfg.read_timeout_s)
     with _lock:
         client = _clients.get(key)
         if client is None:
@@ -86,6 +96,8 @@ def get_client() -> Any:
                 region_name=cfg.region,
                 s3={"addressing_style": cfg.addressing_style},
                 retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},  # incl. the first
+                connect_timeout=cfg.connect_timeout_s,
+                read_timeout=cfg.read_timeout_s,
                 **options,
             )
             session = boto3.session.Session(aws_access_key_id=ak, aws_secret_access_key=sk)
@@ -136,8 +148,13 @@ def _errors(uri: str, op: str) -> Iterator[None]:
             "MOEFLOW_S3__SECRET_ACCESS_KEY or configure boto3's default credential chain"
         ) from e
     except (BotoCoreError, S3UploadFailedError) as e:
-        endpoint = get_settings().s3.endpoint_url or "AWS"
-        raise StorageError(f"cannot {op} {uri} (endpoint {endpoint}): {_scrub(str(e))}") from e
+        cfg = get_settings().s3
+        endpoint = cfg.endpoint_url or "AWS"
+        waited = ""
+        if isinstance(e, (ConnectTimeoutError, ReadTimeoutError)):
+            waited = (f" -- no answer within s3.connect_timeout_s={cfg.connect_timeout_s:g} / "
+                      f"s3.read_timeout_s={cfg.read_timeout_s:g} s, {cfg.max_attempts} attempt(s)")
+        raise StorageError(f"cannot {op} {uri} (endpoint {endpoint}): {_scrub(str(e))}{waited}") from e
 
 
 def write_bytes(uri: str, data: bytes) -> None:

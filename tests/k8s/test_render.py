@@ -169,6 +169,17 @@ def test_credentials_come_only_from_secret_references(k8s_settings):
         render_manifests(leaky, k8s_settings)
 
 
+def test_uris_with_a_password_reach_the_job_only_through_the_secret(k8s_settings):
+    with_pw = k8s_settings.model_copy(update={"tracking_uri": "http://user:tracking-pw@mlflow.moeflow.svc:5000",
+                                              "artifact_uri": "s3://bucket/mlflow?token=artifact-pw"})
+    (job,) = render_manifests(pretrain_spec(with_pw, 1), with_pw)
+    env = env_of(job)
+    for var in ("MOEFLOW_TRACKING_URI", "MOEFLOW_ARTIFACT_URI"):
+        assert env[var] == {"name": var, "valueFrom": {"secretKeyRef": {"name": "moeflow-credentials", "key": var}}}
+    rendered = yaml.safe_dump(job)
+    assert "tracking-pw" not in rendered and "artifact-pw" not in rendered
+
+
 def test_labels_are_sanitized_and_bad_label_keys_refused(k8s_settings):
     spec = pretrain_spec(k8s_settings, 0).model_copy(update={"labels": {"team": "LM research/pretraining " * 5}})
     (job,) = render_manifests(spec, k8s_settings)

@@ -41,6 +41,8 @@ from infra.storage.lease import Lease, LeaseHeld
 from infra.tracking import create_run, git_commit
 
 log = logging.getLogger("moeflow.job")
+# Inputs that are datasets, logged with the stage's run as MLflow dataset inputs: input name -> context.
+DATASET_INPUTS = {"dataset": "training", "traces": "training"}
 
 
 def setup_logging(stage: str, rank: int) -> None:
@@ -77,11 +79,15 @@ def run_job(stage: str, impl: StageImpl, payload: dict[str, Any]) -> StageResult
     with Lease(payload["output_uri"]) if rank == 0 else contextlib.nullcontext():
         tracker: Any = NullTracker()
         if rank == 0:
-            tracker = create_run(stage, parent_run_id=payload.get("parent_run_id"),
+            tracker = create_run(stage, parent_run_id=payload.get("parent_run_id"), source_type="JOB",
                                  tags={"moeflow.stage": stage, "moeflow.key": payload["key"],
                                        "prefect.flow_run_id": payload.get("prefect_flow_run_id")})
             lineage["mlflow_run_id"] = tracker.run_id
             tracker.log_params(payload["config"])
+            for name, context in DATASET_INPUTS.items():  # what the stage reads, as MLflow dataset inputs
+                if name in payload["inputs"]:
+                    tracker.log_dataset(payload["inputs"][name], payload["input_hashes"].get(name) or "unknown",
+                                        context=context)
         ctx = StageContext(stage=stage, output_uri=payload["output_uri"], workdir=workdir, tracker=tracker,
                            lineage=lineage, inputs=dict(payload["inputs"]), rank=rank, world_size=world,
                            local_rank=local_rank, settings=settings)

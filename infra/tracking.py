@@ -10,11 +10,13 @@ never `Settings`.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -171,6 +173,21 @@ class Tracker:
             parent = str(Path(name).parent)
             self.log_artifact(p, None if parent == "." else parent)
 
+    def log_dataset(self, uri: str, digest: str, *, context: str, schema: Mapping[str, Any] | None = None,
+                    profile: Mapping[str, Any] | None = None) -> None:
+        """Record a dataset this run used or made (`mlflow.log_input`'s entity): named after its place in the
+        store (`prep/<key>`), its content digest, its URI as the source, and an optional schema/profile."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        parts = uri.rstrip("/").split("/")
+        name = "/".join(parts[-3:-1]) if len(parts) >= 3 else parts[-1]
+        dataset = Dataset(name=name, digest=digest.split(":")[-1][:36], source_type="moeflow-store",
+                          source=json.dumps({"uri": redact(uri)}),
+                          schema=json.dumps(schema) if schema is not None else None,
+                          profile=json.dumps(profile) if profile is not None else None)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context",
+                                                                                           context)])])
+
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
@@ -182,16 +199,26 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return str(os.getuid())
+
+
 def create_run(name: str, *, parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
-               settings: Settings | None = None) -> Tracker:
-    """Create an MLflow run (child of `parent_run_id` when given), tagged with the git commit."""
+               settings: Settings | None = None, source_type: str = "LOCAL") -> Tracker:
+    """Create an MLflow run (child of `parent_run_id` when given), tagged as MLflow's own fluent API would
+    tag it (user, source name and type: JOB for a stage's job, LOCAL for a flow) and with the git commit."""
     settings = settings or get_settings()
     if settings.tracking_uri.startswith(("http://", "https://")):  # a server that may not answer: bounded
         exp = call_with_timeout(lambda: experiment_id(settings), settings.service_timeout_s,
                                 f"MLflow tracking server {mask_uri(settings.tracking_uri)}")
     else:  # SQLite: the first call migrates the database, which may take long on a busy machine
         exp = experiment_id(settings)
-    all_tags = {"moeflow.git_commit": git_commit(), "mlflow.source.git.commit": git_commit()}
+    all_tags = {"moeflow.git_commit": git_commit(), "mlflow.source.git.commit": git_commit(),
+                "mlflow.user": _user(), "mlflow.source.type": source_type,
+                "mlflow.source.name": " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) or "moeflow"}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if os.environ.get("PREFECT__FLOW_RUN_ID"):

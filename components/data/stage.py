@@ -12,6 +12,7 @@ from typing import Any
 
 from components.data.config import PrepConfig
 from components.data.errors import PrepError
+from components.dataset.format import FORMAT_NAME
 from infra import storage
 from infra.contract import ConfigError, StageContext, StageOutput
 
@@ -20,6 +21,11 @@ Config = PrepConfig
 
 def input_uris(cfg: PrepConfig) -> dict[str, str]:
     return {f"source{i}": s.uri for i, s in enumerate(cfg.sources)}
+
+
+# The published dataset's shape, as MLflow shows a dataset's schema (components/dataset/format.py has it all).
+DATASET_SCHEMA = {"format": FORMAT_NAME, "splits": {"train": "uint16/uint32 token rows (seq_len + 1)",
+                                                         "val": "the same", "eval/<family>.jsonl": "held-out problems"}}
 
 
 def _numeric(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -44,8 +50,11 @@ def run(cfg: PrepConfig, ctx: StageContext) -> StageOutput:
     dataset_uri = storage.join_uri(ctx.output_uri, "dataset")
     storage.publish_dir(out_dir, dataset_uri, meta={"kind": "dataset", "lineage": ctx.lineage})
 
-    metrics = _numeric(stats)
+    metrics = _numeric({k: v for k, v in stats.items() if k != "config"})  # config values are params
     ctx.tracker.log_metrics(metrics)
+    manifest = storage.read_manifest(dataset_uri)
+    ctx.tracker.log_dataset(dataset_uri, manifest.digest(), context="output", schema=DATASET_SCHEMA,
+                            profile={"documents": stats["documents"], "tokens": stats["tokens"]})
     ctx.tracker.log_dict(stats, "stats.json")
     hist = ctx.workdir / "doc_length_histogram.png"
     prep.plot_length_histogram(stats, hist)

@@ -215,6 +215,9 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageOutput:
     inputs = ctx.inputs
     teacher = load_model_ref(inputs["teacher"])
     traces, trace_stats, traces_uri = make_traces(cfg, ctx, inputs, teacher)
+    if "traces" not in inputs:  # sampled here: the run made this dataset (a given one is logged as an input)
+        ctx.tracker.log_dataset(traces_uri, storage.read_manifest(traces_uri).digest(), context="output",
+                                profile={k: v for k, v in trace_stats.items() if isinstance(v, int | float)})
     train, val = split_traces(traces, cfg.traces.val_fraction)
     ctx.tracker.log_dict(trace_stats, "traces/stats.json")
     sample = random.Random(0).sample(train, min(20, len(train)))

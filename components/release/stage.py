@@ -132,7 +132,8 @@ def run(cfg: ReleaseConfig, ctx: StageContext) -> StageOutput:
         raise RuntimeError("the published release failed verification (unpublished again):\n  " + "\n  ".join(failed))
     log.info("release verified: max |moeflow - transformers| logit difference %.3g", check["max_abs_diff"])
 
-    ctx.tracker.set_tags({"moeflow.release_uri": release_uri, "moeflow.release_sha256": digest})
+    ctx.tracker.set_tags({"moeflow.release_uri": release_uri, "moeflow.release_sha256": digest,
+                          "mlflow.runName": f"release {cfg.name}"})  # the two releases of a pipeline differ
 
     run_id = ctx.tracker.run_id  # None outside a tracked run
     model_id = registry.log_release_model(local, run_id=run_id, name=cfg.name) if run_id else None

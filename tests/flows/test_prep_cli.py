@@ -46,6 +46,7 @@ def test_prep_runs_caches_and_matches_on_s3(moeflow_home, s3_env):
     assert out["dataset_uri"].startswith(local_store) and out["mlflow_run_id"]
     assert out["stats"]["tokens"]["train"]["tokens"] > 0
     assert "Traceback" not in first.stderr
+    _assert_mlflow_conventions(out["mlflow_run_id"], out["dataset_uri"])
 
     t0 = time.time()
     again = moeflow("prep", "--config", "configs/tiny.yaml", *SMALL, "--json",
@@ -63,6 +64,24 @@ def test_prep_runs_caches_and_matches_on_s3(moeflow_home, s3_env):
     assert s3_uri.startswith("s3://")
     with_local_settings = published_file_hashes(out["dataset_uri"])
     assert published_file_hashes(s3_uri) == with_local_settings
+
+
+def _assert_mlflow_conventions(run_id: str, dataset_uri: str) -> None:
+    """The job's run as MLflow's own clients expect it: the dataset as a logged dataset (name, digest, source),
+    user and source tags, config values as params only (metrics are the statistics)."""
+    from mlflow import MlflowClient
+
+    from infra.settings import get_settings
+
+    run = MlflowClient(tracking_uri=get_settings().tracking_uri).get_run(run_id)
+    [logged] = run.inputs.dataset_inputs
+    assert logged.dataset.digest == storage.read_manifest(dataset_uri).digest()[:36]
+    assert json.loads(logged.dataset.source)["uri"] == dataset_uri
+    assert {t.key: t.value for t in logged.tags} == {"mlflow.data.context": "output"}
+    tags = run.data.tags
+    assert tags["mlflow.source.type"] == "JOB" and tags["mlflow.user"] and tags["mlflow.source.name"]
+    assert not [k for k in run.data.metrics if k.startswith("config.")], sorted(run.data.metrics)
+    assert "tokenizer.vocab_size" in run.data.params
 
 
 def _assert_nothing_published(store: Path) -> None:

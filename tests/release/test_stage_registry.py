@@ -54,6 +54,7 @@ def test_first_release_is_registered_as_candidate_and_champion(moeflow_home, mak
 
     mv = _client().get_model_version("tiny-a", "1")
     assert mv.source.startswith("models:/m-") and mv.run_id == result.mlflow_run_id  # the logged model
+    assert _client().get_run(result.mlflow_run_id).info.run_name == f"release {mv.name}"  # named for its release
     assert json.loads(mv.tags["moeflow.gate"])["promoted"] is True
     card = storage.read_text(storage.join_uri(uri, "README.md"))
     assert "The gate passed, so this release was made the `champion`" in card

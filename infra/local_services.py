@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import stat
 import subprocess
 import sys
@@ -36,6 +37,21 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, name: str) -> 
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{name} did not answer at {url} within {timeout_s:.0f}s")
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGTERM the process group `proc` leads (a server's workers, a Prefect worker's flow runs), then
+    SIGKILL what is left after `timeout_s`."""
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 AUTH_FILE_NAME = "prefect-api-auth"
@@ -186,14 +202,8 @@ class LocalServices:
             time.sleep(1)
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for p in reversed(self.procs):  # clients (a worker) before the servers they use
+            stop_group(p)
         self.procs.clear()
         if self._saved_env:
             self._set_client_env(self._saved_env)

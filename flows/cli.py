@@ -254,9 +254,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     from infra.local_services import LocalServices
 
     if args.cluster_like:
+        import signal
+
         from infra.settings import get_settings
         from infra.stack import ClusterStack
 
+        def on_term(signum: int, frame: object) -> None:  # kill / systemd / a CI timeout: stop everything too
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_term)
         stack = ClusterStack(get_settings(), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
                              s3_port=args.s3_port, pg_port=args.pg_port)
         with stack:

@@ -213,7 +213,7 @@ class ClusterStack(LocalServices):
         secrets_file = self.stack_home / "credentials.yaml"
         self.creds = self._credentials(secrets_file)
         self.postgres = Postgres(pg_dir / "data", pg_port, self.creds["postgres_password"],
-                                 self.log_dir / "postgres.log", host)
+                                 pg_dir / "postgres.log", host)  # the postgres user must reach its log
         self.env: dict[str, dict[str, str]] = {}
 
     @staticmethod

@@ -250,19 +250,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """kill / systemd / a CI timeout stop the servers `up` started as Ctrl-C does (else they are orphaned)."""
+    import signal
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from infra.local_services import LocalServices
 
+    _stop_on_sigterm()
     if args.cluster_like:
-        import signal
-
         from infra.settings import get_settings
         from infra.stack import ClusterStack
 
-        def on_term(signum: int, frame: object) -> None:  # kill / systemd / a CI timeout: stop everything too
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, on_term)
         stack = ClusterStack(get_settings(), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
                              s3_port=args.s3_port, pg_port=args.pg_port)
         with stack:

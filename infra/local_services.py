@@ -39,19 +39,29 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, name: str) -> 
     raise TimeoutError(f"{name} did not answer at {url} within {timeout_s:.0f}s")
 
 
-def stop_group(proc: subprocess.Popen, timeout_s: float = 20) -> None:
-    """SIGTERM the process group `proc` leads (a server's workers, a Prefect worker's flow runs), then
-    SIGKILL what is left after `timeout_s`."""
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 20) -> bool:
+    """SIGTERM the process group `proc` leads (a server's workers, a Prefect worker's flow runs), wait until
+    every member is gone (the leader often exits before its children), then SIGKILL what is left.
+    False if something survived even that (never seen; the caller says so and stops the rest)."""
     for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(proc.pid):
+                return True
+            time.sleep(0.2)
+    return False
 
 
 AUTH_FILE_NAME = "prefect-api-auth"
@@ -203,7 +213,9 @@ class LocalServices:
 
     def stop(self) -> None:
         for p in reversed(self.procs):  # clients (a worker) before the servers they use
-            stop_group(p)
+            if not stop_group(p):
+                print(f"warning: process group {p.pid} ({' '.join(map(str, p.args[:4]))}) survived SIGKILL",
+                      file=sys.stderr)
         self.procs.clear()
         if self._saved_env:
             self._set_client_env(self._saved_env)

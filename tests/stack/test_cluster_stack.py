@@ -8,7 +8,7 @@ task runs Completed, and a second prep run finds its stage cached on S3.
 
 Stage logs are not attached to the Prefect flow runs yet (the stage's lines go to the worker's log only);
 that check is left for the logging work. Skipped without Debian's PostgreSQL (`make browser` installs it).
-Takes about 5 minutes on 2 busy cores (the stack's start is ~1.5 of them).
+Takes 2m50s to 4m50s on 2 shared cores (measured; starting the stack and `prefect deploy` are ~1.5 min).
 """
 
 from __future__ import annotations

@@ -28,8 +28,15 @@ demo: install
 test: install browser
 	$(BIN)/python -m pytest -q
 
-# Headless Chromium (Debian's package) for the test that opens the Prefect and MLflow UIs.
+# Headless Chromium (Debian's package) for the test that opens the Prefect and MLflow UIs, and PostgreSQL
+# (Debian's package; initdb/pg_ctl only, no system service) for `moeflow up --cluster-like` and its test.
 browser:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing postgresql (Debian package) for the cluster-like stack test..."; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null 2>&1 \
+	      || echo "could not install postgresql: the stack test will be skipped"; \
+	  else echo "postgresql not found and not root: the stack test will be skipped"; fi; }
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing chromium (Debian package) for the UI test..."; \

@@ -276,9 +276,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """kill / systemd / a CI timeout stop the servers `up` started as Ctrl-C does (else they are orphaned)."""
+    import signal
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from infra.local_services import LocalServices
 
+    _stop_on_sigterm()
+    if args.cluster_like:
+        from infra.settings import get_settings
+        from infra.stack import ClusterStack
+
+        stack = ClusterStack(get_settings(), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
+                             s3_port=args.s3_port, pg_port=args.pg_port)
+        with stack:
+            if not args.no_serve:
+                print("deploying prefect.yaml to the work pool (prefect deploy)...", file=sys.stderr, flush=True)
+                stack.deploy()
+            print(stack.banner(), file=sys.stderr, flush=True)
+            stack.wait()
+        return 0
     with LocalServices(prefect_port=args.prefect_port, mlflow_port=args.mlflow_port) as services:
         print(redact(services.banner()), file=sys.stderr, flush=True)
         if args.no_serve:
@@ -359,7 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start the Prefect UI and MLflow UI on the embedded stores and serve the flows")
     p.add_argument("--prefect-port", type=int, default=4200)
     p.add_argument("--mlflow-port", type=int, default=5000)
-    p.add_argument("--no-serve", action="store_true", help="only the UIs, no deployments")
+    p.add_argument("--no-serve", action="store_true",
+                   help="only the UIs, no deployments (with --cluster-like: no `prefect deploy`)")
+    p.add_argument("--cluster-like", action="store_true",
+                   help="the Helm chart's topology on loopback: PostgreSQL, Prefect server + process worker, "
+                        "MLflow server with S3 artifacts, moto's S3 (docs/cluster.md)")
+    p.add_argument("--s3-port", type=int, default=9000, help="with --cluster-like: moto's S3 server")
+    p.add_argument("--pg-port", type=int, default=5432, help="with --cluster-like: PostgreSQL")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("doctor", help="print the resolved settings (secrets masked) and check services")

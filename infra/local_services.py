@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import stat
 import subprocess
 import sys
@@ -36,6 +37,31 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, name: str) -> 
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{name} did not answer at {url} within {timeout_s:.0f}s")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 20) -> bool:
+    """SIGTERM the process group `proc` leads (a server's workers, a Prefect worker's flow runs), wait until
+    every member is gone (the leader often exits before its children), then SIGKILL what is left.
+    False if something survived even that (never seen; the caller says so and stops the rest)."""
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(proc.pid):
+                return True
+            time.sleep(0.2)
+    return False
 
 
 AUTH_FILE_NAME = "prefect-api-auth"
@@ -186,14 +212,10 @@ class LocalServices:
             time.sleep(1)
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for p in reversed(self.procs):  # clients (a worker) before the servers they use
+            if not stop_group(p):
+                print(f"warning: process group {p.pid} ({' '.join(map(str, p.args[:4]))}) survived SIGKILL",
+                      file=sys.stderr)
         self.procs.clear()
         if self._saved_env:
             self._set_client_env(self._saved_env)

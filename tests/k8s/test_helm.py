@@ -123,7 +123,7 @@ def test_external_storage_and_database_replace_minio_and_postgres():
     assert not {"moeflow-minio", "moeflow-postgresql-init", "moeflow-credentials"} & names
     pg = find(docs, "Secret", "moeflow-postgresql")["data"]
     url = base64.b64decode(pg["MLFLOW_BACKEND_STORE_URI"]).decode()
-    assert url == f"postgresql://moeflow:{quote_plus('p@ss:w/rd')}@pg.internal:6432/mlflow"
+    assert url == f"postgresql+psycopg2://moeflow:{quote_plus('p@ss:w/rd')}@pg.internal:6432/mlflow"
     settings = find(docs, "ConfigMap", "moeflow-settings")["data"]
     assert settings["MOEFLOW_S3__ENDPOINT_URL"] == "https://s3.example.com"
     assert settings["MOEFLOW_KUBERNETES__CREDENTIALS_SECRET"] == "team-s3"
@@ -166,7 +166,8 @@ def test_postgres_password_is_the_one_inside_both_connection_urls(default_docs):
     pw = data["POSTGRES_PASSWORD"]
     assert data["PREFECT_API_DATABASE_CONNECTION_URL"] == \
         f"postgresql+asyncpg://moeflow:{pw}@moeflow-postgresql.ml.svc:5432/prefect"
-    assert data["MLFLOW_BACKEND_STORE_URI"] == f"postgresql://moeflow:{pw}@moeflow-postgresql.ml.svc:5432/mlflow"
+    assert data["MLFLOW_BACKEND_STORE_URI"] == (
+        f"postgresql+psycopg2://moeflow:{pw}@moeflow-postgresql.ml.svc:5432/mlflow")
 
 
 def test_prefect_worker_role_is_exactly_least_privilege(default_docs):

@@ -6,14 +6,12 @@ prefect.yaml (pool renamed to the stack's process pool), each run through the wo
 artifacts and registered versions in PostgreSQL / S3 and loaded through the server, the Prefect flow and
 task runs Completed, and a second prep run finds its stage cached on S3.
 
-Stage logs are not attached to the Prefect flow runs yet (the stage's lines go to the worker's log only);
-that check is left for the logging work. Skipped without Debian's PostgreSQL (`make browser` installs it).
+Skipped without Debian's PostgreSQL (`make browser` installs it).
 Takes 2m50s to 4m50s on 2 shared cores (measured; starting the stack and `prefect deploy` are ~1.5 min).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import time
@@ -22,14 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from infra import stack as stack_mod
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")),
                                 reason="PostgreSQL (Debian package) is not installed: `make browser` as root")
-TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +54,9 @@ def stack(tmp_path_factory, free_port) -> Iterator[stack_mod.ClusterStack]:
         assert not (s.postgres.data_dir / "postmaster.pid").exists()
 
 
-def _run(name: str, config: dict[str, Any], cached: bool = False) -> tuple[Any, Any]:
-    """Run deployment `name` through the worker; the flow run and its stage's StageResult (RESULT.json on
+def _run(name: str, params: dict[str, Any], cached: bool = False) -> tuple[Any, Any]:
+    """Run deployment `name` with the form's parameters (the tiny preset, fields, `key=value` overrides), as
+    the Prefect UI would, through the worker; the flow run and its stage's StageResult (RESULT.json on
     S3, found through the stage's MLflow run tagged with the flow run's id). A cached stage starts no job
     and logs no stage run: then the flow's own MLflow run is returned instead."""
     import mlflow
@@ -68,7 +65,7 @@ def _run(name: str, config: dict[str, Any], cached: bool = False) -> tuple[Any, 
     from infra import storage
     from infra.contract import StageResult
 
-    fr = run_deployment(f"{name}/{name}", parameters={"config": config}, timeout=600)
+    fr = run_deployment(f"{name}/{name}", parameters={"preset": "tiny", **params}, timeout=600)
     assert fr.state.is_completed(), (name, fr.state)
     runs = mlflow.MlflowClient().search_runs(
         experiment_ids=[e.experiment_id for e in mlflow.search_experiments()],
@@ -87,30 +84,18 @@ def _run(name: str, config: dict[str, Any], cached: bool = False) -> tuple[Any, 
 @pytest.fixture(scope="module")
 def pipeline(stack) -> dict[str, Any]:
     t0 = time.time()
-    prep = copy.deepcopy(TINY["prep"])
-    prep["generators"]["tasks"]["n_per_family"] = 300
-    prep["generators"]["generic_text"]["n_docs"] = 50
-    prep["eval"]["n_per_family"] = 8
-    prep["tokenizer"]["vocab_size"] = 512
+    prep = {"overrides": ["generators.tasks.n_per_family=300", "generators.generic_text.n_docs=50",
+                          "eval.n_per_family=8", "tokenizer.vocab_size=512"]}
     out: dict[str, Any] = {"prep": _run("prep", prep)}
     dataset = out["prep"][1].outputs["dataset"]
-    from components.common.config import resolve_model
-
-    # the Prefect server validates parameters against the flow's JSON schema, which has no `preset` key:
-    # a preset's `model: {preset: tiny}` is refused (409) through the API, so it is expanded here
-    pretrain = {**copy.deepcopy(TINY["pretrain"]), "dataset": dataset, "steps": 4}
-    pretrain["model"] = resolve_model(pretrain["model"])
-    pretrain.update(eval={"every": 4, "max_rows": 4}, checkpoint={"every": 4, "keep": 1},
-                    schedule={**TINY["pretrain"]["schedule"], "warmup_steps": 1})
-    out["pretrain"] = _run("pretrain", pretrain)
+    out["pretrain"] = _run("pretrain", {"dataset": dataset, "steps": 4, "overrides": [
+        "eval.every=4", "eval.max_rows=4", "checkpoint.every=4", "checkpoint.keep=1", "schedule.warmup_steps=1"]})
     ckpt = out["pretrain"][1].outputs["checkpoint"]
-    ev = {**copy.deepcopy(TINY["eval"]), "models": [{"uri": ckpt, "name": "base"}]}
-    ev["suite"] = {"max_per_family": 4, "dataset": dataset}
-    ev["sampling"].update(n_samples=1, max_new_tokens=8, k_values=[1])
-    out["eval"] = _run("eval", ev)
-    rel = {**copy.deepcopy(TINY["release"]), "model": ckpt, "eval_report": out["eval"][1].outputs["report"],
-           "eval_model": "base", "name": "stack-tiny"}
-    out["release"] = _run("release", rel)
+    out["eval"] = _run("eval", {"dataset": dataset, "overrides": [
+        f"models=[{{uri: '{ckpt}', name: base}}]", "suite.max_per_family=4", "sampling.n_samples=1",
+        "sampling.max_new_tokens=8", "sampling.k_values=[1]"]})
+    out["release"] = _run("release", {"model": ckpt, "eval_report": out["eval"][1].outputs["report"],
+                                      "name": "stack-tiny", "overrides": ["eval_model=base"]})
     out["prep-again"] = _run("prep", prep, cached=True)
     out["seconds"] = time.time() - t0
     return out
@@ -156,21 +141,27 @@ def test_mlflow_runs_metrics_artifacts_and_versions_are_in_postgres_and_s3(stack
         assert cur.fetchone()[0] >= 1
 
 
-def test_prefect_flow_and_task_runs_are_completed_and_the_rerun_is_cached(stack, pipeline):
+def _api_post(stack, path: str, body: dict[str, Any]) -> Any:
+    import base64
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{stack.prefect_api_url}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": "Basic "
+                                          + base64.b64encode(stack.auth_string.encode()).decode()})
+    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback
+        return json.loads(resp.read())
+
+
+def test_prefect_flow_and_task_runs_are_completed_with_stage_logs_and_the_rerun_is_cached(stack, pipeline):
     for name in ("prep", "pretrain", "eval", "release", "prep-again"):
         fr = pipeline[name][0]
-        body = {"task_runs": {"flow_run_id": {"any_": [str(fr.id)]}}}
-        import base64
-        import json
-        import urllib.request
-
-        req = urllib.request.Request(f"{stack.prefect_api_url}/task_runs/filter", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", "Authorization": "Basic "
-                                              + base64.b64encode(stack.auth_string.encode()).decode()})
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback
-            tasks = json.loads(resp.read())
+        tasks = _api_post(stack, "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [str(fr.id)]}}})
         assert tasks and all(t["state"]["type"] == "COMPLETED" for t in tasks), name
         assert stack.api_get(f"/flow_runs/{fr.id}")["state"]["type"] == "COMPLETED"
+        if name != "prep-again":  # the job's own lines, forwarded to the flow run's logs (the UI's Logs tab)
+            logs = _api_post(stack, "/logs/filter", {"logs": {"flow_run_id": {"any_": [str(fr.id)]}}, "limit": 200})
+            assert any(f"stage {name} finished" in entry["message"] for entry in logs), (name, logs[-5:])
     again = pipeline["prep-again"][1]  # the flow's MLflow run: the same dataset, no stage run (cached on S3)
     assert again.data.tags["moeflow.dataset_uri"] == pipeline["prep"][1].outputs["dataset"]
     print(f"stack pipeline: {pipeline['seconds']:.0f}s")

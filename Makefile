@@ -28,7 +28,8 @@ demo: install
 test: install browser
 	$(BIN)/python -m pytest -q
 
-# Headless Chromium (Debian's package) for the test that opens the Prefect and MLflow UIs.
+# Headless Chromium (Debian's package) for the test that walks through the Prefect and MLflow UIs; Playwright
+# (a dev dependency) drives it. Never `playwright install`: that would download another browser.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -28,7 +28,8 @@ demo: install
 test: install browser
 	$(BIN)/python -m pytest -q
 
-# Headless Chromium (Debian's package) for the test that opens the Prefect and MLflow UIs, and PostgreSQL
+# Headless Chromium (Debian's package) for the test that walks through the Prefect and MLflow UIs; Playwright
+# (a dev dependency) drives it. Never `playwright install`: that would download another browser. PostgreSQL
 # (Debian's package; initdb/pg_ctl only, no system service) for `moeflow up --cluster-like` and its test.
 browser:
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \

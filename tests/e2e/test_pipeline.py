@@ -1,13 +1,15 @@
 """The tiny pipeline end to end, exactly as `make demo` runs it (`moeflow pipeline --preset tiny
 --json`): real Prefect (ephemeral API), real job subprocesses, MLflow on SQLite, the local store. Then
 the releases are verified against transformers, a re-run finds every stage done, a stage whose result
-is gone is redone without redoing what came before it, and both UIs show the runs in headless Chromium.
+is gone is redone without redoing what came before it, and a user's walk through `moeflow up`'s Prefect
+and MLflow UIs works in headless Chromium (Playwright).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,32 +127,169 @@ def test_rerun_redoes_only_what_is_missing_then_nothing(demo):
     assert time.time() - t0 < 0.2 * demo["seconds"]
 
 
-def _dom(url: str, profile: Path) -> str:
-    cmd = [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+UI_TIMEOUT_MS = 30_000
+RUN_TIMEOUT_MS = 240_000  # the eval-champion Quick run: scheduling, a job process, the evaluation
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed "
-                    "(`make test` installs it when it runs as root)")
-def test_both_uis_show_the_demo_runs(demo, tmp_path, free_port):
-    from mlflow import MlflowClient
+def _browser_missing() -> str | None:
+    """Why the UI story cannot run here, or None."""
+    if shutil.which("chromium") is None:
+        return "Debian's chromium is not installed (`make test` installs it when it runs as root)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (it is a dev dependency: `make install`)"
+    return None
 
-    from infra.local_services import LocalServices
+
+def _wait_for_deployment(api_url: str, auth: str, name: str, up: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Until the deployment that `moeflow up` serves is registered (its Run button exists only then)."""
+    import base64
+    import urllib.request
+
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode(),
+               "Content-Type": "application/json"}
+    body = json.dumps({"deployments": {"name": {"any_": [name]}}}).encode()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert up.poll() is None, f"moeflow up exited with code {up.returncode}"
+        req = urllib.request.Request(f"{api_url}/deployments/filter", data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback server we started
+                if json.loads(resp.read()):
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"moeflow up did not serve the {name} deployment within {timeout_s:.0f}s")
+
+
+@pytest.fixture
+def moeflow_up(demo, tmp_path, free_port):
+    """`moeflow up` on loopback over the demo's home, as a user starts it: the Prefect UI (auth on), the MLflow
+    UI and every deployment served; Ctrl-C (SIGINT) stops it."""
+    import signal
+
+    from infra.local_services import AUTH_FILE_NAME
+
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {**demo["env"], "MOEFLOW_PREFECT_UI_URL": f"http://127.0.0.1:{prefect_port}",
+           "MOEFLOW_MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}"}
+    log = tmp_path / "moeflow-up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen([sys.executable, "-m", "flows.cli", "up", "--prefect-port", str(prefect_port),
+                               "--mlflow-port", str(mlflow_port)], cwd=REPO, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        auth_file = demo["home"] / AUTH_FILE_NAME
+        prefect = f"http://127.0.0.1:{prefect_port}"
+        _wait_for_deployment(f"{prefect}/api", _read_when_written(auth_file, up), "eval-champion", up)
+        yield {"prefect": prefect, "mlflow": f"http://127.0.0.1:{mlflow_port}", "auth_file": auth_file, "log": log}
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(timeout=10)
+
+
+def _read_when_written(path: Path, up: subprocess.Popen, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert up.poll() is None, f"moeflow up exited with code {up.returncode}"
+        assert time.monotonic() < deadline, f"moeflow up wrote no {path} within {timeout_s:.0f}s"
+        time.sleep(0.5)
+    return path.read_text().strip()
+
+
+@pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
+def test_the_used_by_story_in_both_uis(demo, moeflow_up, tmp_path):
+    """What a user does after `make demo` and `moeflow up`, in headless Chromium (Playwright): log into the
+    Prefect UI with the credential from the home, Quick-run the `eval-champion` deployment, see it Completed
+    with the eval stage's log lines; then in the MLflow UI open the experiment, the run that flow created and
+    its history plot, and the registered `moeflow-teacher` with its `champion` alias. Each step's screenshot
+    is kept under tmp_path/screens and .pytest-artifacts/ (also when a step fails)."""
+    from playwright.sync_api import expect, sync_playwright
+
     from infra.settings import Settings
 
-    settings = Settings(home=demo["home"])
-    exp = MlflowClient(tracking_uri=settings.tracking_uri).get_experiment_by_name(settings.experiment)
-    env_backup = os.environ.get("PREFECT_API_URL")
-    # auth=False: a DOM dump cannot type the Prefect login (tests/reliability/test_prefect_auth.py checks it)
-    with LocalServices(settings, prefect_port=free_port(), mlflow_port=free_port(),
-                       log_dir=tmp_path / "logs", auth=False) as ui:
-        mlflow_dom = _dom(f"{ui.mlflow_url}/#/experiments/{exp.experiment_id}/runs", tmp_path / "p1")
-        prefect_dom = _dom(f"{ui.prefect_url}/runs", tmp_path / "p2")
-    if env_backup is None:
-        os.environ.pop("PREFECT_API_URL", None)
-    else:
-        os.environ["PREFECT_API_URL"] = env_backup
-    assert "pipeline" in mlflow_dom, mlflow_dom[-2000:]  # the parent run (its stage runs nest under it)
-    assert "pipeline" in prefect_dom, prefect_dom[-2000:]
+    screens = tmp_path / "screens"
+    screens.mkdir()
+    kept = REPO / ".pytest-artifacts" / "test_the_used_by_story_in_both_uis"
+    shutil.rmtree(kept, ignore_errors=True)
+    shots: list[Path] = []
+    prefect, mlflow = moeflow_up["prefect"], moeflow_up["mlflow"]
+    auth = moeflow_up["auth_file"].read_text().strip()  # as a user would: `cat <home>/prefect-api-auth`
+    experiment = Settings(home=demo["home"]).experiment
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.set_default_timeout(UI_TIMEOUT_MS)
+
+        def shot(name: str) -> None:
+            shots.append(screens / f"{len(shots) + 1:02d}-{name}.png")
+            page.screenshot(path=shots[-1], full_page=True)
+
+        try:
+            # ---- Prefect: log in, Quick-run eval-champion, watch it complete, read its logs
+            page.goto(prefect)
+            password = page.locator("input[type=password]")
+            expect(password).to_be_visible()
+            password.fill(auth)
+            shot("prefect-login")
+            password.press("Enter")
+            expect(password).to_be_hidden()
+            page.goto(f"{prefect}/runs")
+            expect(page.get_by_role("link", name="pipeline", exact=True).first).to_be_visible()  # the demo's run
+            page.goto(f"{prefect}/deployments")
+            page.get_by_role("link", name="eval-champion", exact=True).first.click()
+            run_button = page.get_by_role("button", name="Run", exact=True)
+            expect(run_button).to_be_visible()
+            shot("prefect-deployment")
+            run_button.click()
+            page.get_by_text("Quick run", exact=True).click()
+            # the deployment's run list (scheduled runs left out) shows the new run once it leaves Scheduled
+            expect(page.get_by_text("1 Flow run", exact=True)).to_be_visible(timeout=RUN_TIMEOUT_MS)
+            runs = page.locator("a[href*='/runs/flow-run/']").filter(has_not_text=re.compile(r"Task runs?$"))
+            run_name = runs.last.inner_text().strip()  # the list's card (the Next Run card, if any, comes first)
+            page.get_by_role("link", name=run_name, exact=True).last.click()
+            expect(page).to_have_url(re.compile(r"/runs/flow-run/"))
+            shot("prefect-run-started")
+            expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=RUN_TIMEOUT_MS)
+            page.get_by_text("Logs", exact=True).first.click()
+            for line in ("suite: 50 problems", "moeflow-teacher@champion: pass@1", "stage eval finished"):
+                expect(page.get_by_text(line).first).to_be_visible()
+            shot("prefect-run-completed-logs")
+
+            # ---- MLflow: the experiment, the run the flow created, its history plot, the champion
+            page.goto(mlflow)
+            page.get_by_text("Model training", exact=True).click()  # the home page opens on GenAI
+            page.get_by_role("link", name=experiment, exact=True).first.click()
+            expect(page.get_by_role("link", name="pipeline", exact=True).first).to_be_visible()  # the demo's runs
+            shot("mlflow-experiment")
+            page.get_by_role("link", name="eval-champion", exact=True).first.click()
+            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("plots", exact=True).click()
+            page.get_by_text("history.png", exact=True).click()
+            expect(page.get_by_text("plots/history.png", exact=True)).to_be_visible()
+            expect(page.locator("img[src^='blob:']").first).to_be_visible()  # the plot, fetched and drawn
+            shot("mlflow-history-plot")
+            page.get_by_text("Model registry", exact=True).click()
+            page.get_by_role("dialog").get_by_role("button", name="Try it now").click()  # the registry UI's promo
+            page.get_by_role("link", name="moeflow-teacher", exact=True).click()
+            expect(page.get_by_role("status", name="champion", exact=True)).to_be_visible()  # the alias chip
+            shot("mlflow-registered-model")
+        except BaseException:
+            shot("failed-here")
+            raise
+        finally:
+            browser.close()
+            kept.mkdir(parents=True, exist_ok=True)
+            for p in shots:
+                if p.exists():
+                    shutil.copy2(p, kept / p.name)

@@ -20,6 +20,7 @@ the storage clients both when it starts and when it ends.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # In-process Prefect logs to the console at interpreter exit, after pytest closed its streams.
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# Prefect's own state (the ephemeral API's SQLite database) per test process, never the user's ~/.prefect: two
+# test processes (pytest-xdist workers) must not share one database file.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="moeflow-test-prefect-"))
 
 S3_REGION = "us-east-1"
 S3_KEY = "testing"  # moto accepts any credentials

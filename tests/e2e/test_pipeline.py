@@ -30,7 +30,7 @@ def moeflow(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     home = tmp_path_factory.mktemp("demo-home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOEFLOW_", "PREFECT_API_URL"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOEFLOW_", "PREFECT_API_URL", "PREFECT_HOME"))}
     env["MOEFLOW_HOME"] = str(home)
     t0 = time.time()
     proc = moeflow("pipeline", "--preset", "tiny", "--json", env=env, timeout=1800)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -148,8 +149,7 @@ def tiny_base(request, tmp_path_factory) -> TinyBase:
     base = Path(cache.mkdir("rl-tiny-base")) if cache is not None else tmp_path_factory.mktemp("rl-tiny-base")
     root = base / _recipe_key()
     if not (root / "model" / "model.safetensors").is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        tmp = root.with_name(root.name + ".tmp")
+        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")  # one per process: test workers may race
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         saved = torch.get_num_threads()
@@ -158,5 +158,9 @@ def tiny_base(request, tmp_path_factory) -> TinyBase:
             _pretrain(tmp)
         finally:
             torch.set_num_threads(saved)
-        tmp.rename(root)
+        if (root / "model" / "model.safetensors").is_file():  # another process finished first: same bits
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
     return TinyBase(root / "model", root / "dataset")

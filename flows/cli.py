@@ -395,7 +395,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="print the resolved settings (secrets masked) and check services")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
+    _describe(parser)
     return parser
+
+
+EXAMPLES = {
+    "prep": "moeflow prep --config configs/tiny.yaml --json",
+    "pretrain": "moeflow pretrain --config configs/tiny.yaml --set dataset=<dataset_uri> --set steps=200",
+    "rl": "moeflow rl --config configs/tiny.yaml --set model=<checkpoint_uri> --set grpo.steps=100",
+    "distill": "moeflow distill --config configs/tiny.yaml --set teacher=<rl checkpoint_uri>",
+    "eval": "moeflow eval --config configs/tiny.yaml --set 'models=[{uri: models:/moeflow-teacher@champion}]'",
+    "release run": "moeflow release run --config configs/tiny.yaml --set model=<model uri> --set name=my-model",
+    "release verify": "moeflow release verify models:/moeflow-teacher@champion",
+    "pipeline": "moeflow pipeline --preset tiny --json",
+    "model info": "moeflow model info --config configs/models/deepseek-v3.yaml   (or a Hugging Face config.json)",
+    "model export": "moeflow model export --checkpoint <checkpoint_uri> --out ./hf-model",
+    "k8s render": "moeflow k8s render --stage pretrain --config configs/pretrain/multinode.yaml --gpus 8 --nodes 2",
+    "deploy": "MOEFLOW_PREFECT_API_URL=http://prefect:4200/api moeflow deploy --image <registry>/moeflow-job:<tag>",
+    "serve": "MOEFLOW_PREFECT_API_URL=http://127.0.0.1:4200/api moeflow serve",
+    "up": "moeflow up          (or: moeflow up --cluster-like)",
+    "doctor": "moeflow doctor --json",
+}
+
+
+def _describe(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Every subcommand's --help opens with its one-line help and ends with an example (EXAMPLES)."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {a.dest: a.help for a in action._choices_actions}
+        for name, sub in action.choices.items():
+            key = " ".join((*path, name))
+            sub.description = sub.description or helps.get(name)
+            if key in EXAMPLES:
+                sub.epilog = f"example:\n  {EXAMPLES[key]}"
+                sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            _describe(sub, (*path, name))
 
 
 def job_failure(exc: Any) -> str:

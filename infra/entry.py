@@ -38,7 +38,7 @@ from infra.plan import validate_config
 from infra.redact import install_log_redaction
 from infra.settings import get_settings
 from infra.storage.lease import Lease, LeaseHeld
-from infra.tracking import create_run, git_commit
+from infra.tracking import create_run, git_commit, system_metrics
 
 log = logging.getLogger("moeflow.job")
 # Inputs that are datasets, logged with the stage's run as MLflow dataset inputs: input name -> context.
@@ -94,7 +94,8 @@ def run_job(stage: str, impl: StageImpl, payload: dict[str, Any]) -> StageResult
         t0 = time.time()
         status = "FAILED"
         try:
-            out = impl.run(cfg, ctx)
+            with system_metrics(tracker, settings.system_metrics_interval_s) if rank == 0 else contextlib.nullcontext():
+                out = impl.run(cfg, ctx)
             seconds = time.time() - t0
             # `extra` as JSON gives it back: a cached result reads exactly what a fresh run returned
             extra = json.loads(json.dumps(out.extra, default=str))

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
         10, gt=0, description="limit of each call to MLflow / Prefect made at start-up and of each doctor check")
     release_signing_key: Path | None = Field(
         None, description="PEM private key (elliptic curve): releases are signed with OpenSSF model-signing")
+    system_metrics_interval_s: float = Field(
+        0, ge=0, description="sample each job's CPU, memory and GPU use every N seconds into its MLflow run "
+        "(MLflow's system metrics, charted beside the training metrics); 0 = off")
     data_roots: list[Path] | None = Field(
         None, description="directories local prep sources must lie in (symlinks and '..' out are refused); "
                           "None = any directory, but never a symlink out of the source's own directory")

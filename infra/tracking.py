@@ -231,6 +231,24 @@ def create_run(name: str, *, parent_run_id: str | None = None, tags: Mapping[str
 
 
 @contextlib.contextmanager
+def system_metrics(tracker: Tracker, interval_s: float) -> Iterator[None]:
+    """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, GPU
+    use where there is one) sampled every `interval_s` seconds into the tracker's run for the block; off at 0."""
+    if not interval_s:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=interval_s,
+                                   tracking_uri=tracker.settings.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+@contextlib.contextmanager
 def start_run(name: str, *, parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
               settings: Settings | None = None) -> Iterator[Tracker]:
     """Open a run for the duration of the block; it ends FAILED if the block raises (or is killed by

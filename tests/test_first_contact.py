@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from flows import registry
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "prefect.yaml", *sorted((REPO / "docs").glob("*.md")),
         REPO / "helm" / "moeflow" / "README.md", REPO / "kernels" / "README.md"]
@@ -33,6 +35,23 @@ def test_help_and_version_write_nothing(tmp_path, args):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert list(tmp_path.iterdir()) == [], "help must not create files"
+
+
+def test_every_command_has_a_description_and_an_example():
+    from flows.cli import EXAMPLES, build_parser
+
+    parser = build_parser()
+    for words in [s.command for s in registry.PIPELINE] + [("pipeline",), ("model", "info"), ("doctor",)]:
+        with pytest.raises(SystemExit):
+            parser.parse_args([*words, "--help"])
+    commands = {" ".join(s.command) for s in registry.PIPELINE}
+    assert commands <= set(EXAMPLES), commands - set(EXAMPLES)
+
+
+def test_stage_help_shows_what_the_stage_does_and_how_to_run_it(tmp_path):
+    stage = registry.get("rl")
+    out = moeflow(*stage.command, "--help", cwd=tmp_path).stdout
+    assert stage.help in " ".join(out.split()) and "example:\n  moeflow rl --config configs/tiny.yaml" in out
 
 
 def test_version_names_the_package(tmp_path):

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from infra.tracking import PARENT_RUN_ENV, create_run, start_run
+from infra.tracking import PARENT_RUN_ENV, create_run, start_run, system_metrics
 
 
 def _client():
@@ -128,3 +128,17 @@ def test_keys_mlflow_rejects_are_made_safe(moeflow_home):
     run = _client().get_run(t.run_id)
     assert run.data.params["gate.min.pass_at_1"] == "0.5"
     assert run.data.metrics["eval/pass_at_1"] == 0.25
+
+
+def test_system_metrics_are_sampled_into_the_run_when_asked(moeflow_home):
+    tracker = create_run("sysmetrics")
+    with system_metrics(tracker, 0.5):
+        time.sleep(2.0)
+    tracker.end()
+    names = set(_client().get_run(tracker.run_id).data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= names, names
+    quiet = create_run("no-sysmetrics")
+    with system_metrics(quiet, 0):
+        pass
+    quiet.end()
+    assert not [n for n in _client().get_run(quiet.run_id).data.metrics if n.startswith("system/")]

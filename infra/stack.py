@@ -62,8 +62,9 @@ STACK_VALUES = {"flow-run": {"MOEFLOW_LAUNCHER": "local"}}
 def chart_env(*, pg: str, password: str, s3: str, mlflow: str, prefect_api: str, auth: str,
               access_key: str, secret_key: str, home: Path) -> dict[str, dict[str, str]]:
     """The environment of each part as the chart renders it (secrets resolved), for these addresses.
-    `pg`, `s3`, `mlflow`: host:port; `prefect_api`: the API URL. Keys: prefect-server, prefect-worker,
-    mlflow, flow-run (the chart's settings ConfigMap + the work pool's base job template)."""
+    `pg`, `s3`, `mlflow`: host:port; `prefect_api`: the API URL (its UI is the same address without /api).
+    Keys: prefect-server, prefect-worker, mlflow, flow-run (the chart's settings ConfigMap + the work pool's
+    base job template)."""
     aws = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     return {
         "prefect-server": {
@@ -85,6 +86,7 @@ def chart_env(*, pg: str, password: str, s3: str, mlflow: str, prefect_api: str,
             "MOEFLOW_LAUNCHER": "kubernetes",
             "MOEFLOW_STORE_URI": f"s3://{BUCKET}/{STORE_PREFIX}",
             "MOEFLOW_TRACKING_URI": f"http://{mlflow}",
+            "MOEFLOW_PREFECT_UI_URL": prefect_api.removesuffix("/api"), "MOEFLOW_MLFLOW_UI_URL": f"http://{mlflow}",
             "MOEFLOW_S3__REGION": REGION,
             "MOEFLOW_S3__ENDPOINT_URL": f"http://{s3}",
             **aws, CLIENT_AUTH_VAR: auth,

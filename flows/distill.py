@@ -50,7 +50,7 @@ def distill_flow(
         steps: student SFT steps, `sft.max_steps` (empty: the preset's).
         lr: student learning rate, `sft.optim.lr` (empty: the preset's).
         overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
-            `tokenizer.vocab_size=1024`.
+            `traces.n_samples=8`.
     """
     fields = {"teacher": teacher, "dataset": dataset, "sft.max_steps": steps, "sft.optim.lr": lr}
     return _run(preset_config("distill", preset, fields, overrides))  # type: ignore[arg-type]

@@ -54,7 +54,7 @@ def eval_flow(
             model's lineage).
         seed: seed of the samples, `sampling.seed` (empty: the preset's).
         overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
-            `tokenizer.vocab_size=1024`.
+            `sampling.n_samples=16`.
     """
     fields = {"models": [{"uri": m} for m in models] if models else None, "suite.dataset": dataset,
               "sampling.seed": seed}

@@ -45,7 +45,7 @@ def pretrain_flow(
         lr: peak learning rate, `optim.lr` (empty: the preset's).
         seed: seed of the initialisation and the data order (empty: the preset's).
         overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
-            `tokenizer.vocab_size=1024`.
+            `schedule.warmup_steps=20`.
     """
     fields = {"dataset": dataset, "steps": steps, "optim.lr": lr, "seed": seed}
     return _run(preset_config("pretrain", preset, fields, overrides))  # type: ignore[arg-type]

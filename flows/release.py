@@ -51,7 +51,7 @@ def release_flow(
         eval_report: its evaluation: an eval stage output or report (empty: the preset's).
         name: registered model name in the MLflow Model Registry (empty: the preset's).
         overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
-            `tokenizer.vocab_size=1024`.
+            `gate.promote=false`.
     """
     fields = {"model": model, "eval_report": eval_report, "name": name}
     return _run(preset_config("release", preset, fields, overrides))  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ def rl_flow(
         lr: learning rate, `grpo.optim.lr` (empty: the preset's).
         seed: seed of the rollouts and the prompt order (empty: the preset's).
         overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
-            `tokenizer.vocab_size=1024`.
+            `rewards.steps_weight=0`.
     """
     fields = {"model": model, "dataset": dataset, "grpo.steps": steps, "grpo.optim.lr": lr,
               "seed": seed}

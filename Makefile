@@ -26,10 +26,11 @@ demo: install
 	$(BIN)/moeflow pipeline --preset tiny
 
 test: install browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
-# make test runs the end-to-end file (the tiny pipeline, ~15 min) on one worker and every other test file on
-# the other (pytest-xdist, --dist loadfile), to stay within 25 minutes on 2 cores.
+# make test runs the end-to-end file (the tiny pipeline and the UI story, ~19 min) on one worker from the
+# start and the other test files on the other (pytest-xdist; tests/conftest.py puts tests/e2e first), to stay
+# within 25 minutes on 2 cores.
 # Headless Chromium (Debian's package) for the test that walks through the Prefect and MLflow UIs; Playwright
 # (a dev dependency) drives it. Never `playwright install`: that would download another browser. PostgreSQL
 # (Debian's package; initdb/pg_ctl only, no system service) for `moeflow up --cluster-like` and its test.

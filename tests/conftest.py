@@ -167,11 +167,15 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
+FIRST_DIRS = ("e2e",)  # the longest file first: `make test` gives it one worker from the start (pytest-xdist)
+
+
 def pytest_collection_modifyitems(config, items):
     tests_dir = os.path.dirname(__file__)
+    top = {id(item): os.path.relpath(str(item.path), tests_dir).split(os.sep)[0] for item in items}
+    items.sort(key=lambda item: top[id(item)] not in FIRST_DIRS)  # stable: the order within is kept
     for item in items:
-        rel = os.path.relpath(str(item.path), tests_dir).split(os.sep)
-        if rel[0] in ONE_THREAD_DIRS:
+        if top[id(item)] in ONE_THREAD_DIRS:
             item.fixturenames.insert(0, "one_thread")
 
 

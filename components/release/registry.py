@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +130,15 @@ def log_release_model(release_dir: str | Path, *, run_id: str, name: str, client
     logged = client.create_logged_model(run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
                                         model_type="release", tags={"moeflow.release": name})
     requirements = [f"mlflow=={mlflow.__version__}", "torch", "transformers", "safetensors", "tokenizers"]
-    with _tracking_uri(client):
+    # MLflow advises predict type hints and an input example while it logs (the signature is given, and an
+    # example would make it load and run the model): recorded, at debug level, not printed in the job's output.
+    with _tracking_uri(client), warnings.catch_warnings(record=True) as advice:
         Model.log(artifact_path=None, name=LOGGED_MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
                   model_id=logged.model_id, python_model=str(PYFUNC_CODE),
                   artifacts={RELEASE_ARTIFACT: str(release_dir)}, signature=_signature(release_dir),
                   pip_requirements=requirements)
+    for w in advice:
+        log.debug("MLflow, logging the release model: %s", w.message)
     return logged.model_id
 
 

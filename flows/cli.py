@@ -22,9 +22,6 @@ from flows import registry
 from infra.configfile import apply_overrides, load_yaml
 from infra.redact import redact
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PRESETS_DIR = REPO_ROOT / "configs"
-
 
 class CliError(Exception):
     """A user error: printed as `error: ...` without a traceback; exit code 2 (usage) or 3 (input)."""
@@ -67,14 +64,6 @@ def _version() -> str:
 
 
 # ---- config files --------------------------------------------------------------------------------
-def resolve_preset(name: str) -> Path:
-    path = PRESETS_DIR / f"{name}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-        raise CliError(f"--preset {name}: no such preset (known: {known})", code=2)
-    return path
-
-
 def stage_config(path: str, stage: str, sets: list[str]) -> dict[str, Any]:
     """The config of one stage from a preset (its `stage:` section) or a stage-only file, plus overrides."""
     data = load_yaml(path)

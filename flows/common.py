@@ -64,9 +64,10 @@ def preset_choice(stage: str) -> Any:
 def preset_config(stage: str, preset: str, fields: dict[str, Any], overrides: list[str] | None) -> BaseModel:
     """The stage's config: the preset's section, then the flow's typed fields that are set (dotted keys,
     None = the preset's value), then the `key=value` overrides; validated (errors name the field)."""
-    if preset not in presets_with(stage):
+    known = presets_with(stage)  # reads every preset file: once
+    if preset not in known:
         raise ConfigError(f"preset {preset!r}: no shipped preset with a {stage!r} section "
-                          f"(known: {', '.join(presets_with(stage))})")
+                          f"(known: {', '.join(known)})")
     path = PRESETS_DIR / f"{preset}.yaml"
     data = dict(load_yaml(path).get(stage) or {})
     for key, value in fields.items():

@@ -12,7 +12,8 @@ Checks, each reported (name, ok, detail) and none stopping the others:
    unexpected or mis-shaped tensors; ``moeflow load``: ``components.model.load_pretrained``.
 6. ``chat template``: ``tokenizer_config.json`` has one and ``transformers`` renders a question as exactly
    the evaluation prompt (bos + ``format_prompt``); ``generation config``: the sampling settings are all
-   there (temperature, top_p, max_new_tokens, do_sample) or, for an unevaluated release, none;
+   there (temperature, top_p, max_new_tokens, do_sample) or, for an unevaluated release, none, and
+   ``eos_token_id`` includes ``</answer>`` (where evaluation stops) when the tokenizer has it;
    ``model card``: ``huggingface_hub.ModelCard`` reads the front matter (license mit, ``model-index`` when
    there are results) and the card names no absolute local path.
 7. ``logits``: both models, float32, on fixed inputs (seeded random ids and the tokenized text): the
@@ -344,7 +345,7 @@ def _check_prompting(root: Path, present: list[str], add: AddCheck) -> None:
     """The chat template, the generation config's sampling settings and the model card's front matter."""
     from components.tasks.problem import format_prompt
 
-    from .prompting import SAMPLING_KEYS
+    from .prompting import SAMPLING_KEYS, STOP_TOKEN, stop_token_id
 
     if "tokenizer_config.json" in present:
         from transformers import AutoTokenizer
@@ -365,9 +366,15 @@ def _check_prompting(root: Path, present: list[str], add: AddCheck) -> None:
         keys = (*SAMPLING_KEYS, "do_sample")
         have = [k for k in keys if gen.get(k) is not None]
         ok = len(have) in (0, len(keys))
-        add("generation config", ok, ("sampling: " + ", ".join(f"{k} {gen[k]}" for k in keys)) if have and ok else
-            "no sampling settings (unevaluated release)" if ok else
-            f"incomplete sampling settings: has {', '.join(have)} of {', '.join(keys)}", file="generation_config.json")
+        detail = (("sampling: " + ", ".join(f"{k} {gen[k]}" for k in keys)) if have and ok else
+                  "no sampling settings (unevaluated release)" if ok else
+                  f"incomplete sampling settings: has {', '.join(have)} of {', '.join(keys)}")
+        stop = stop_token_id(root) if "tokenizer.json" in present else None
+        eos = gen.get("eos_token_id")
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if stop is not None and stop not in eos:
+            ok, detail = False, f"eos_token_id {eos} lacks {STOP_TOKEN} ({stop}), where evaluation stops"
+        add("generation config", ok, detail, file="generation_config.json")
     if "README.md" in present:
         from huggingface_hub import ModelCard
 

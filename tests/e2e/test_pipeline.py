@@ -112,6 +112,29 @@ def test_releases_verify_and_a_changed_byte_fails(demo, tmp_path):
     assert "model.safetensors" in bad.stderr
 
 
+def test_a_trained_release_answers_through_the_transformers_pipeline(demo):
+    """Issue 16: what a Hugging Face user does with the student release, and nothing moeflow-specific: a
+    `transformers` text-generation pipeline on the release directory, chat messages in, the release's own
+    chat template and generation config. Ten held-out problems, greedy: the replies have the R1 format
+    (<think>...</think><answer>...</answer>, moeflow's `format_ok`) and the verifier accepts some of them
+    (the student solves about half of them greedily on every machine measured)."""
+    from transformers import pipeline
+
+    from components.dataset.format import load_eval_split
+    from components.scoring.evaluate import format_ok
+    from components.tasks import Problem, verify
+
+    dataset = demo["summary"]["stages"]["prep"]["outputs"]["dataset_uri"]
+    problems = [Problem.from_dict(r) for r in load_eval_split(dataset.removeprefix("file://"), "arithmetic")[:10]]
+    generate = pipeline("text-generation", model=demo["summary"]["releases"]["student"])
+    replies = [generate([{"role": "user", "content": p.question}], do_sample=False)[0]["generated_text"][-1]
+               for p in problems]
+    assert all(r["role"] == "assistant" for r in replies)
+    texts = [r["content"] for r in replies]
+    assert sum(format_ok(t) for t in texts) >= 9, texts
+    assert sum(bool(verify(p, t).correct) for p, t in zip(problems, texts, strict=True)) >= 1, texts
+
+
 def test_rerun_redoes_only_what_is_missing_then_nothing(demo):
     student_release = demo["summary"]["stages"]["release-student"]["outputs"]["release"]
     result = Path(student_release).parent / "RESULT.json"

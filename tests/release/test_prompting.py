@@ -38,6 +38,7 @@ def test_release_prompting_card_and_pipeline(make_model, tokenizer_dir, tmp_path
 
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["temperature"], gen["top_p"], gen["max_new_tokens"], gen["do_sample"]) == (0.6, 0.95, 96, True)
+    assert tok.convert_tokens_to_ids("</answer>") in gen["eos_token_id"]  # evaluation stops there too
 
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "mit" and card.data.base_model == "<store>/pretrain/k1/model"
@@ -54,3 +55,6 @@ def test_release_prompting_card_and_pipeline(make_model, tokenizer_dir, tmp_path
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     (out / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "{{ messages[0]['content'] }}"}))
     assert not {c["name"]: c for c in verify_release(str(out))["checks"]}["chat template"]["ok"]
+    gen_file = out / "generation_config.json"
+    gen_file.write_text(json.dumps({**gen, "eos_token_id": tok.eos_token_id}))
+    assert not {c["name"]: c for c in verify_release(str(out))["checks"]}["generation config"]["ok"]

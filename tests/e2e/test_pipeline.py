@@ -56,15 +56,17 @@ def test_summary_json_has_what_scripts_read(demo):
 
 def test_rl_beats_the_base_and_the_student_stays_close_to_the_teacher(demo):
     """What the demo is for (issues 6 and 8), on all 200 held-out problems x 8 samples (standard error ~2
-    points).
+    points a model, ~2.8 for a difference of two).
 
-    The pipeline is seeded end to end (measured: base 31.8%, RL 54.1%, student 57.9% on the machine the
-    preset was tuned on; 28.3%, 43.2%, 48.4% on an AMD EPYC with AVX2); the margins are what
-    another CPU's last bits could move (two RL runs that differ only in thread count ended 3 points apart),
-    well inside what a broken stage would cost (an RL step that unlearns, a student that never learns to
-    read)."""
+    The pipeline is seeded end to end, but another CPU's last bits change the base and the RL trajectory
+    (issue 14): measured RL gains over the base were +22.3 (the machine the preset was tuned on), +6.3 and
+    +7.3 (an AVX-512 Xeon, two seeds), +14.9 (an AMD EPYC, the pipeline) and +11.4..+13.6 there in eight RL
+    runs of two seeds and four recipes (`bench/results/trl_grpo_cpu.md`, `var_*.md`). The thresholds come
+    from the worst of those with a margin of one standard error of a difference: RL >= +4 points (a stage
+    that unlearns or never updates gives <= 0), and the student at most 5 points under its teacher (it was
+    above it in every run measured: +2.5 on the Xeon, +5.2 on the EPYC)."""
     ev, g = demo["summary"]["eval"], demo["summary"]["gains"]
-    assert g["rl_over_base"] >= 0.12, ev
+    assert g["rl_over_base"] >= 0.04, ev
     assert ev["student"]["pass@1"] >= ev["rl"]["pass@1"] - 0.05, ev
     assert "points of pass@1 over the base" in demo["stderr"]
 

@@ -140,7 +140,9 @@ def _dense_info(cfg: DenseConfig, seq_len: int, dtype_bytes: int) -> dict[str, A
 
 def model_info_from_file(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     """``model_info`` of a YAML preset (``moeflow model info --config FILE``)."""
-    return model_info(ModelConfig.from_yaml(path), **kwargs)
+    from .dense_config import config_from_yaml
+
+    return model_info(config_from_yaml(path), **kwargs)
 
 
 def format_info(info: dict[str, Any]) -> str:

@@ -13,8 +13,10 @@ Invalid combinations are rejected when the config is built, with a message namin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import yaml
 from pydantic import ConfigDict, Field, model_validator
 
 from .config import HF_BOOKKEEPING_KEYS, HFModelConfig, ModelConfig
@@ -289,6 +291,14 @@ def config_from_dict(data: dict[str, Any]) -> AnyModelConfig:
     if cls is ModelConfig:
         return ModelConfig.from_dict({k: v for k, v in data.items() if k != "model_type"})
     return cls.from_dict(data)
+
+
+def config_from_yaml(path: str | Path) -> AnyModelConfig:
+    """A model config YAML file (a preset, a trained model's config) -> the config of its family."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return config_from_dict(data)
 
 
 def config_from_hf_dict(d: dict[str, Any], **overrides: Any) -> AnyModelConfig:

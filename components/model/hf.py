@@ -1,6 +1,12 @@
-"""Hugging Face interop: export moeflow weights as a ``DeepseekV3ForCausalLM`` directory, load one back.
+"""Hugging Face interop: export moeflow weights as a ``DeepseekV3ForCausalLM``, ``LlamaForCausalLM`` or
+``Qwen2ForCausalLM`` directory (by the config's family), load one back (``model_type`` picks the family).
 
-Exported layout (what DeepSeek publishes and every transformers version loads):
+Llama / Qwen2: transformers' own layout (``model.embed_tokens.weight``, ``model.layers.L.self_attn.
+{q,k,v,o}_proj.{weight,bias}``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``,
+``model.norm.weight``, ``lm_head.weight`` unless tied); q/k rows are permuted per head between HF's
+rotate-half order and moeflow's adjacent pairs (``gqa.py``).
+
+DeepSeek-V3 exported layout (what DeepSeek publishes and every transformers version loads):
   config.json (model_type deepseek_v3), generation_config.json, model.safetensors or
   model-0000i-of-0000n.safetensors + model.safetensors.index.json, tokenizer files when given.
   Keys: ``model.embed_tokens.weight``, ``model.layers.L.self_attn.*``, dense ``mlp.{gate,up,down}_proj``,
@@ -28,7 +34,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .dense import DenseForCausalLM
-from .dense_config import DenseConfig, config_from_hf_dict
+from .dense_config import DenseConfig, config_from_hf_dict, config_from_yaml
 from .model import CausalLM, MoEFlowForCausalLM
 
 _EXPERT = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
@@ -341,7 +347,7 @@ def _materialize(model: CausalLM, device, dtype) -> None:
 
 # --- CLI entry points (``moeflow model export``) --------------------------------------------------
 def export_from_state(
-    config: ModelConfig | str | Path,
+    config: ModelConfig | DenseConfig | str | Path,
     state_file: str | Path,
     out_dir: str | Path,
     *,
@@ -350,17 +356,17 @@ def export_from_state(
 ) -> Path:
     """Export a trainer checkpoint (a safetensors file of ``model.state_dict()``) as an HF directory.
 
-    config: a ``ModelConfig`` or the YAML file the model was trained with. dtype: a torch dtype or its
-    name ("float32", "bfloat16"). Returns ``out_dir``.
+    config: a model config (any family) or the YAML file the model was trained with. dtype: a torch dtype
+    or its name ("float32", "bfloat16"). Returns ``out_dir``.
     """
     from safetensors.torch import load_file
 
-    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_yaml(config)
+    cfg = config if isinstance(config, ModelConfig | DenseConfig) else config_from_yaml(config)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     state = load_file(str(state_file))
-    model = MoEFlowForCausalLM(cfg)
+    model = DenseForCausalLM(cfg) if isinstance(cfg, DenseConfig) else MoEFlowForCausalLM(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -271,6 +271,14 @@ FAMILIES: dict[str, type[DenseConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Co
 AnyModelConfig = ModelConfig | LlamaConfig | Qwen2Config
 
 
+# model_type -> the transformers class a directory of that family loads as
+ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", **{k: v.architecture for k, v in FAMILIES.items()}}
+
+
+def model_type_of(cfg: AnyModelConfig) -> str:
+    return cfg.model_type if isinstance(cfg, DenseConfig) else "deepseek_v3"
+
+
 def _family(model_type: Any) -> type[DenseConfig] | type[ModelConfig]:
     if model_type in (None, "deepseek_v3"):
         return ModelConfig

@@ -145,6 +145,15 @@ class DenseConfig(HFModelConfig):
     def o_bias(self) -> bool:
         raise NotImplementedError
 
+    # what the stages ask of any model config: a dense family has no MoE layers and no MTP modules
+    @property
+    def n_moe_layers(self) -> int:
+        return 0
+
+    @property
+    def mtp_depth(self) -> int:
+        return 0
+
     @property
     def softmax_scale(self) -> float:
         return self.dim_per_head**-0.5

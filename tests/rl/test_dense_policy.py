@@ -1,5 +1,6 @@
 """RL from a Qwen2 directory that transformers wrote (random small weights), not published by moeflow:
-accepted as a model reference, hashed for lineage, trained for a few GRPO steps, its policy loadable."""
+accepted as a model reference, hashed for lineage, trained for a few GRPO steps, released as a
+Qwen2ForCausalLM directory that `release verify` passes."""
 
 from __future__ import annotations
 
@@ -76,3 +77,17 @@ def test_rl_starts_from_a_transformers_qwen2_directory(moeflow_home, tiny_base, 
     start, _ = load_model(str(qwen2_dir))
     moved = any(not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters(), strict=True))
     assert moved, "GRPO updated the policy"
+
+    from components.release.verify import verify_release
+    from flows import registry
+    from flows.registry import stage_impl
+    from infra.entry import run_job
+    from infra.plan import job_payload
+
+    plan = registry.get("release").plan({"model": result.outputs["checkpoint"], "name": "qwen2-rl",
+                                         "license": {"holder": "ACME Labs", "year": 2030}})
+    released = run_job("release", stage_impl("release"), job_payload(plan, parent_run_id=None, flow_run_id=None))
+    uri = released.outputs["release"]
+    assert json.loads(storage.read_text(storage.join_uri(uri, "config.json")))["architectures"] == ["Qwen2ForCausalLM"]
+    report = verify_release(uri)
+    assert report["ok"], [c for c in report["checks"] if not c["ok"]]

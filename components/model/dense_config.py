@@ -326,3 +326,10 @@ def config_from_hf_dict(d: dict[str, Any], **overrides: Any) -> AnyModelConfig:
 def is_dense(cfg: Any) -> bool:
     return isinstance(cfg, DenseConfig)
 
+
+def is_hf_config(raw: dict) -> bool:
+    """Whether a ``config.json`` dict is a Hugging Face one (transformers, DeepSeek, ``export_hf``) rather
+    than moeflow's own dump (``components.refs.checkpoint.save_model``): moeflow's always carries its
+    ``kernel_backend`` field and, for DeepSeek-V3, no ``model_type``; an HF one never has the first and
+    always has the second."""
+    return "kernel_backend" not in raw and "model_type" in raw

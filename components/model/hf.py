@@ -248,14 +248,6 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_by
 
 
 # --- load -----------------------------------------------------------------------------------------
-def is_hf_config(raw: dict) -> bool:
-    """Whether a ``config.json`` dict is a Hugging Face one (transformers, DeepSeek, ``export_hf``) rather
-    than moeflow's own dump (``components.refs.checkpoint.save_model``): moeflow's always carries its
-    ``kernel_backend`` field and, for DeepSeek-V3, no ``model_type``; an HF one never has the first and
-    always has the second."""
-    return "kernel_backend" not in raw and "model_type" in raw
-
-
 def _safetensor_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():

@@ -209,7 +209,8 @@ def load_model(uri_or_dir: str | Path, *, device: str | torch.device = "cpu",
     a manifest is fetched and verified first. A config or weights that do not fit are a ConfigError
     naming the directory."""
     from components.model import build_model, config_from_dict
-    from components.model.hf import is_hf_config, load_pretrained
+    from components.model.dense_config import is_hf_config
+    from components.model.hf import load_pretrained
 
     src = str(uri_or_dir)
     path = storage.fetch_dir(src) if storage.is_published(src) else Path(src.removeprefix("file://"))

@@ -119,7 +119,7 @@ def load_model_ref(uri: str) -> LoadedModel:
         tok_file = local_dir(dataset) / "tokenizer.json" if dataset else tok_file
         if not tok_file.is_file():
             raise ConfigError(f"{uri}: no tokenizer.json next to the model, and its lineage names no dataset")
-    from components.model.hf import is_hf_config
+    from components.model.dense_config import is_hf_config
     from components.refs.checkpoint import load_model
 
     kind = "hf" if is_hf_config(json.loads(cfg_file.read_text())) else "moeflow"

@@ -1,4 +1,5 @@
-"""The DeepSeek-V3-architecture causal LM that every moeflow stage trains, samples and exports.
+"""The DeepSeek-V3-architecture causal LM, and ``CausalLM``: what it shares with the dense families
+(``dense.py``) -- the interface every moeflow stage trains, samples and exports through.
 
 Single-device code: data/expert/tensor parallelism, FSDP and torch.compile are applied from outside.
 

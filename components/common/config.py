@@ -23,14 +23,17 @@ class Strict(BaseModel):
 
 def resolve_model(data: Any) -> Any:
     """Expand `{preset: NAME | PATH, **overrides}` into a full model-config dict; a Hugging Face
-    ``config.json`` (it has ``model_type`` or ``architectures``) becomes moeflow's fields through
-    ``ModelConfig.from_hf_dict`` (its ``quantization_config`` describes stored weights, not the
-    architecture, and is set aside). Other input unchanged."""
+    ``config.json`` (it has ``model_type`` or ``architectures``) becomes moeflow's fields through its
+    family's ``from_hf_dict`` (``model_type`` picks DeepSeek-V3, Llama or Qwen2; its
+    ``quantization_config`` describes stored weights, not the architecture, and is set aside); moeflow's
+    own dump of a dense family (``model_type`` and moeflow's fields) stays as it is. Other input unchanged."""
     if isinstance(data, dict) and ("model_type" in data or "architectures" in data) and "preset" not in data:
-        from components.model.config import ModelConfig
+        from components.model.dense_config import config_from_hf_dict, is_hf_config
 
+        if not is_hf_config(data):
+            return data
         arch = {k: v for k, v in data.items() if k != "quantization_config"}
-        return ModelConfig.from_hf_dict(arch).model_dump()
+        return config_from_hf_dict(arch).model_dump()
     if not isinstance(data, dict) or "preset" not in data:
         return data
     data = dict(data)

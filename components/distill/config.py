@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from components.common.config import CheckpointConfig, Strict, resolve_model
 from components.model.config import ModelConfig
+from components.model.dense_config import LlamaConfig, Qwen2Config, config_from_dict
 from components.sft.sft import DistillLossConfig, SFTConfig
 
 
@@ -28,13 +29,15 @@ class TracesConfig(Strict):
 
 
 class StudentConfig(Strict):
-    """The smaller model: dense (first_k_dense_replace >= num_hidden_layers) or a smaller MoE."""
+    """The smaller model: DeepSeek-V3 dense (first_k_dense_replace >= num_hidden_layers) or a smaller MoE, or
+    a Llama / Qwen2 model (`model_type: llama | qwen2` with LlamaConfig / Qwen2Config fields)."""
 
-    model: ModelConfig = Field(
+    model: ModelConfig | LlamaConfig | Qwen2Config = Field(
         default_factory=lambda: ModelConfig.model_validate(resolve_model(
             {"preset": "tiny", "hidden_size": 64, "intermediate_size": 192, "first_k_dense_replace": 4,
              "mtp_depth": 0})),
-        description="student architecture (`preset: NAME` + overrides); vocab and special ids are the teacher's")
+        description="student architecture: `preset: NAME` + overrides (DeepSeek-V3), or `model_type: llama` / "
+        "`qwen2` + that family's fields; vocab and special ids are the teacher's")
     init: str | None = Field(None, description="start from this model (URI) instead of a random initialisation")
     seed: int = Field(0, description="seed of the random initialisation")
     max_active_ratio: float | None = Field(
@@ -43,7 +46,8 @@ class StudentConfig(Strict):
     @field_validator("model", mode="before")
     @classmethod
     def _expand_preset(cls, v: Any) -> Any:
-        return resolve_model(v)
+        v = resolve_model(v)
+        return config_from_dict(v) if isinstance(v, dict) else v  # model_type picks the family
 
 
 class DistillConfig(Strict):

@@ -109,11 +109,12 @@ def make_traces(cfg: DistillConfig, ctx: StageContext, inputs: dict[str, str], t
 
 
 def build_student(cfg: DistillConfig, inputs: dict[str, str], teacher_cfg) -> tuple[Any, Any]:
-    """(student model, its ModelConfig): from `student.init`, or freshly initialised with the teacher's
-    vocabulary and special ids."""
+    """(student model, its config): from `student.init` (any model reference, a plain Hugging Face directory
+    included), or freshly initialised in `student.model`'s family with the teacher's vocabulary and special
+    ids."""
     import torch
 
-    from components.model import ModelConfig, Transformer, model_info
+    from components.model import build_model, config_from_dict, model_info
     from components.refs.models import load_model_ref
 
     if "student_init" in inputs:
@@ -124,11 +125,11 @@ def build_student(cfg: DistillConfig, inputs: dict[str, str], teacher_cfg) -> tu
         data.update(vocab_size=teacher_cfg.vocab_size, bos_token_id=teacher_cfg.bos_token_id,
                     eos_token_id=teacher_cfg.eos_token_id, pad_token_id=teacher_cfg.pad_token_id)
         try:
-            scfg = ModelConfig.model_validate(data)
+            scfg = config_from_dict(data)
         except ValueError as exc:
             raise ConfigError(f"distill.student.model: {exc}") from None
         torch.manual_seed(cfg.student.seed)
-        model = Transformer(scfg)
+        model = build_model(scfg)
     if scfg.vocab_size != teacher_cfg.vocab_size:
         raise ConfigError(f"distill.student: vocabulary {scfg.vocab_size} differs from the teacher's "
                           f"{teacher_cfg.vocab_size}; the student must use the teacher's tokenizer")

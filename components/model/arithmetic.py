@@ -15,6 +15,8 @@ Counting rules (they match ``sum(p.numel())`` of the built model; a test checks 
   ``flops_per_token_with_mtp`` adds the MTP modules (each a block + ``eh_proj`` + the shared head).
 - ``kv_cache_bytes_per_token``: MLA caches ``L * (R + Dr)`` values per token, against
   ``L * H * (Dq + Dv)`` for the naive per-head keys and values (``kv_cache_bytes_per_token_mha``).
+- Dense families (Llama, Qwen2; ``DenseConfig``): the same keys; every parameter is active, no MTP, and
+  GQA caches ``L * 2 * K * Dh`` values per token (K key/value heads of width Dh).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
+from .dense_config import DenseConfig
 
 
 def _attention_params(cfg: ModelConfig) -> int:
@@ -50,14 +53,16 @@ def _moe_params(cfg: ModelConfig) -> tuple[int, int]:
     return router + E * expert + shared, router + cfg.num_experts_per_tok * expert + shared
 
 
-def model_info(cfg: ModelConfig, *, seq_len: int | None = None, dtype_bytes: int = 2) -> dict[str, Any]:
+def model_info(cfg: ModelConfig | DenseConfig, *, seq_len: int | None = None, dtype_bytes: int = 2) -> dict[str, Any]:
     """Parameters, FLOPs per token and KV-cache size of ``cfg``; see the module docstring for the rules.
 
     seq_len: training sequence length for the attention FLOPs (default min(4096, max_position_embeddings)).
     dtype_bytes: bytes per cached value (2 for bf16).
     """
-    D, V, L, H = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.num_attention_heads
     seq_len = seq_len or min(4096, cfg.max_position_embeddings)
+    if isinstance(cfg, DenseConfig):
+        return _dense_info(cfg, seq_len, dtype_bytes)
+    D, V, L, H = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.num_attention_heads
     attn = _attention_params(cfg)
     norms = _norm_params_per_block(cfg)  # includes the two latent norms inside attention
     attn_no_latent_norms = attn - cfg.kv_lora_rank - (cfg.q_lora_rank or 0)
@@ -101,9 +106,43 @@ def model_info(cfg: ModelConfig, *, seq_len: int | None = None, dtype_bytes: int
     }
 
 
+def _dense_info(cfg: DenseConfig, seq_len: int, dtype_bytes: int) -> dict[str, Any]:
+    """``model_info`` of a dense family (Llama, Qwen2): the same keys and rules, every parameter active,
+    a GQA cache of ``L * 2 * K * Dh`` values per token."""
+    D, V, L, H, K, Dh = (cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+                         cfg.kv_heads, cfg.dim_per_head)
+    attn = D * (H + 2 * K) * Dh + H * Dh * D + (H + 2 * K) * Dh * cfg.qkv_bias + D * cfg.o_bias
+    block = attn + 3 * D * cfg.intermediate_size + 2 * D
+    embed, head = V * D, (0 if cfg.tie_word_embeddings else V * D)
+    total = embed + head + D + L * block
+    matmul = total - embed - (2 * L + 1) * D + (V * D if cfg.tie_word_embeddings else 0)
+    attn_fwd_per_layer = 2 * H * 2 * Dh * (seq_len + 1) / 2
+    flops_train = 6 * matmul + 3 * L * attn_fwd_per_layer
+    kv = L * 2 * K * Dh
+    return {
+        "total_params": total,
+        "active_params": total,
+        "embedding_params": embed,
+        "mtp_params": 0,
+        "layers": L,
+        "dense_layers": L,
+        "moe_layers": 0,
+        "seq_len": seq_len,
+        "flops_per_token": flops_train,
+        "flops_per_token_with_mtp": flops_train,
+        "inference_flops_per_token": 2 * matmul + L * attn_fwd_per_layer,
+        "kv_cache_values_per_token": kv,
+        "kv_cache_bytes_per_token": kv * dtype_bytes,
+        "kv_cache_bytes_per_token_mha": L * 2 * H * Dh * dtype_bytes,
+        "dtype_bytes": dtype_bytes,
+    }
+
+
 def model_info_from_file(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     """``model_info`` of a YAML preset (``moeflow model info --config FILE``)."""
-    return model_info(ModelConfig.from_yaml(path), **kwargs)
+    from .dense_config import config_from_yaml
+
+    return model_info(config_from_yaml(path), **kwargs)
 
 
 def format_info(info: dict[str, Any]) -> str:

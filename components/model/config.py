@@ -15,27 +15,88 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Keys that transformers writes into config.json but that carry no meaning for the architecture we build
-# (bookkeeping, generation defaults, HF runtime switches). ``from_hf_dict`` drops them; any other unknown
-# key is an error, so a checkpoint with features we do not implement is never loaded silently wrong.
-_HF_IGNORED_KEYS = frozenset(
+# Keys that transformers writes into any config.json but that carry no meaning for the architectures we
+# build (bookkeeping, generation defaults, HF runtime switches). ``from_hf_dict`` drops them (and each
+# family's own list); any other unknown key is an error, so a checkpoint with features we do not implement
+# is never loaded silently wrong.
+HF_BOOKKEEPING_KEYS = frozenset(
     {
         "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-        "output_router_logits", "router_aux_loss_coef", "pretraining_tp", "auto_map", "_name_or_path",
-        "aux_loss_alpha", "seq_aux", "topk_method", "scoring_func", "ep_size", "moe_layer_freq",
-        "num_key_value_heads", "head_dim", "qk_head_dim", "attention_dropout", "attention_bias",
-        "hidden_act", "rope_interleave", "num_nextn_predict_layers", "num_mtp_layers", "rope_parameters",
-        "rope_theta", "rope_scaling", "output_attentions", "output_hidden_states", "return_dict",
-        "is_encoder_decoder", "tie_encoder_decoder", "chunk_size_feed_forward", "problem_type",
-        "id2label", "label2id", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+        "auto_map", "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
+        "is_encoder_decoder", "tie_encoder_decoder", "chunk_size_feed_forward", "problem_type", "id2label",
+        "label2id", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
         "task_specific_params", "finetuning_task", "cross_attention_hidden_size", "add_cross_attention",
-        "is_decoder", "tf_legacy_loss", "use_bfloat16", "torchscript", "pruned_heads",
-        "experts_implementation", "attn_implementation", "max_window_layers",
+        "is_decoder", "tf_legacy_loss", "use_bfloat16", "torchscript", "pruned_heads", "attn_implementation",
+        "experts_implementation", "pretraining_tp",  # 4.x's tensor-parallel matmul split: same math
     }
 )
+_HF_IGNORED_KEYS = HF_BOOKKEEPING_KEYS | {
+    "output_router_logits", "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "topk_method", "scoring_func",
+    "ep_size", "moe_layer_freq", "num_key_value_heads", "head_dim", "qk_head_dim", "attention_dropout",
+    "attention_bias", "hidden_act", "rope_interleave", "num_nextn_predict_layers", "num_mtp_layers",
+    "rope_parameters", "rope_theta", "rope_scaling", "max_window_layers",
+}
 
 
-class ModelConfig(BaseModel):
+class HFModelConfig(BaseModel):
+    """What every family's config shares (DeepSeek-V3 here, Llama/Qwen2 in ``dense_config``): YAML loading,
+    the token-id checks, and reading the parts of a Hugging Face ``config.json`` every family reads alike."""
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    def _check_token_ids(self) -> None:
+        for name in ("bos_token_id", "pad_token_id"):
+            tok = getattr(self, name)
+            if tok is not None and not 0 <= tok < self.vocab_size:
+                raise ValueError(f"{name} ({tok}) must lie in [0, vocab_size={self.vocab_size})")
+        for tok in self.eos_token_ids:
+            if not 0 <= tok < self.vocab_size:
+                raise ValueError(f"eos_token_id ({tok}) must lie in [0, vocab_size={self.vocab_size})")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path):
+        """Load a named preset (``configs/models/*.yaml``); unknown keys are errors naming the key."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        raise NotImplementedError
+
+    @staticmethod
+    def _hf_common(d: dict[str, Any], type_key: str, what: str) -> dict[str, Any]:
+        """Checks every family makes on a ``config.json`` dict (quantised weights, the activation), and
+        RoPE in one form: HF 5.x writes ``rope_parameters {rope_theta, rope_type, factor, ...}``, 4.x and
+        DeepSeek ``rope_theta`` + ``rope_scaling {type | rope_type, factor, ...}``. -> a new dict with
+        ``rope_theta`` and ``rope_scaling`` (None for plain RoPE, else its kind under ``type_key``)."""
+        d = dict(d)
+        if "quantization_config" in d:
+            raise ValueError(
+                "this checkpoint is quantised (quantization_config present); dequantise it to bf16/fp32 "
+                "safetensors first"
+            )
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; moeflow {what} use silu")
+        rp = d.pop("rope_parameters", None)
+        if isinstance(rp, dict) and rp:
+            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
+        rs = d.get("rope_scaling")
+        if isinstance(rs, dict):
+            rs = dict(rs)
+            kind = rs.pop("rope_type", None) or rs.pop("type", None)
+            rs.pop("type", None)
+            d["rope_scaling"] = None if kind in (None, "default") else {type_key: kind, **rs}
+        return d
+
+
+class ModelConfig(HFModelConfig):
     """A DeepSeek-V3-architecture language model (MLA attention, DeepSeekMoE, optional MTP).
 
     Field names and meanings follow ``transformers.DeepseekV3Config``; the last block holds moeflow's own
@@ -138,24 +199,13 @@ class ModelConfig(BaseModel):
                 raise ValueError(
                     "rope_scaling (yarn) needs 'factor' and 'original_max_position_embeddings'"
                 )
-        for name in ("bos_token_id", "pad_token_id"):
-            tok = getattr(self, name)
-            if tok is not None and not 0 <= tok < self.vocab_size:
-                raise ValueError(f"{name} ({tok}) must lie in [0, vocab_size={self.vocab_size})")
-        for tok in self.eos_token_ids:
-            if not 0 <= tok < self.vocab_size:
-                raise ValueError(f"eos_token_id ({tok}) must lie in [0, vocab_size={self.vocab_size})")
+        self._check_token_ids()
         return self
 
     # --- derived quantities -------------------------------------------------------------------------
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
     @property
     def n_moe_layers(self) -> int:
@@ -184,11 +234,7 @@ class ModelConfig(BaseModel):
     # --- (de)serialisation --------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
-        """Load a named preset (``configs/models/*.yaml``); unknown keys are errors naming the key."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return super().from_yaml(path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -232,18 +278,11 @@ class ModelConfig(BaseModel):
         non-SiLU activations, softmax routing, quantised weights, GQA) are errors. ``overrides`` set moeflow
         fields such as ``mtp_depth``.
         """
-        d = dict(d)
         if d.get("model_type", "deepseek_v3") != "deepseek_v3":
             raise ValueError(f"model_type is {d['model_type']!r}; only deepseek_v3 checkpoints load here")
-        if "quantization_config" in d:
-            raise ValueError(
-                "this checkpoint is quantised (quantization_config present); dequantise it to bf16/fp32 "
-                "safetensors first"
-            )
+        d = cls._hf_common(d, "type", "experts")
         if d.get("attention_bias"):
             raise ValueError("attention_bias: true is not supported by moeflow's MLA")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; moeflow experts use silu")
         if d.get("scoring_func", "sigmoid") != "sigmoid" or d.get("topk_method", "noaux_tc") != "noaux_tc":
             raise ValueError("only sigmoid scoring with noaux_tc routing (DeepSeek-V3) is supported")
         nkv = d.get("num_key_value_heads")
@@ -253,20 +292,6 @@ class ModelConfig(BaseModel):
             raise ValueError("moe_layer_freq != 1 is not supported (every layer after the dense ones is MoE)")
         if d.get("rope_interleave") is False:
             raise ValueError("rope_interleave: false checkpoints are not supported (rotate-half layout)")
-        # RoPE: HF 5.x writes rope_parameters {rope_theta, rope_type, factor, ...}; 4.x/DeepSeek write
-        # rope_theta + rope_scaling {type, factor, ...}.
-        rp = d.get("rope_parameters")
-        if isinstance(rp, dict) and rp:
-            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-            if rp.get("rope_type", "default") != "default":
-                d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
-        rs = d.get("rope_scaling")
-        if isinstance(rs, dict):
-            rs = dict(rs)
-            if "rope_type" in rs and "type" not in rs:
-                rs["type"] = rs.pop("rope_type")
-            rs.pop("rope_type", None)
-            d["rope_scaling"] = None if rs.get("type") in (None, "default") else rs
         if "num_nextn_predict_layers" not in overrides and "mtp_depth" not in overrides:
             overrides.setdefault("mtp_depth", 0)
         known = set(cls.model_fields)

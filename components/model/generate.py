@@ -1,8 +1,10 @@
-"""Batched sampling with MLA's latent KV cache: what RL rollouts, distillation and evaluation call.
+"""Batched sampling with the model's KV cache: what RL rollouts, distillation and evaluation call.
 
-Prompts are left-padded to a common length and prefilled in one naive-form pass; every later step feeds
-one token per live sequence through the absorbed-form attention against the cache (R + Dr values per
-token per layer). Sequences that finish are dropped from the batch, so the cost follows the live ones.
+Any family works (``model.allocate_cache`` gives its cache): DeepSeek-V3's MLA caches the latent (R + Dr
+values per token per layer; later steps run the absorbed form), the dense families' GQA caches rotated
+keys and values per key/value head. Prompts are left-padded to a common length and prefilled in one
+pass; every later step feeds one token per live sequence against the cache. Sequences that finish are
+dropped from the batch, so the cost follows the live ones.
 
 Sampling: logits / temperature -> top-k -> top-p (nucleus) -> multinomial draw from a generator seeded
 with ``seed`` (same arguments + same seed = same tokens). ``temperature == 0`` is greedy. The reported
@@ -19,8 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from .attention import LatentCache
-from .model import MoEFlowForCausalLM
+from .model import CausalLM
 
 
 @dataclass
@@ -67,7 +68,7 @@ def sample_next(
 
 @torch.inference_mode()
 def generate(
-    model: MoEFlowForCausalLM,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
@@ -109,7 +110,7 @@ def generate(
     try:
         n_prompts = len(prompts)
         ids_BP = torch.zeros(n_prompts, P, dtype=torch.long, device=device)
-        cache = LatentCache.allocate(cfg, n_prompts, P + max_new_tokens, dtype=dtype, device=device)
+        cache = model.allocate_cache(n_prompts, P + max_new_tokens, dtype=dtype, device=device)
         for b, p in enumerate(prompts):
             ids_BP[b, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
             cache.valid[b, P - len(p):P] = True

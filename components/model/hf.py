@@ -1,6 +1,12 @@
-"""Hugging Face interop: export moeflow weights as a ``DeepseekV3ForCausalLM`` directory, load one back.
+"""Hugging Face interop: export moeflow weights as a ``DeepseekV3ForCausalLM``, ``LlamaForCausalLM`` or
+``Qwen2ForCausalLM`` directory (by the config's family), load one back (``model_type`` picks the family).
 
-Exported layout (what DeepSeek publishes and every transformers version loads):
+Llama / Qwen2: transformers' own layout (``model.embed_tokens.weight``, ``model.layers.L.self_attn.
+{q,k,v,o}_proj.{weight,bias}``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``,
+``model.norm.weight``, ``lm_head.weight`` unless tied); q/k rows are permuted per head between HF's
+rotate-half order and moeflow's adjacent pairs (``gqa.py``).
+
+DeepSeek-V3 exported layout (what DeepSeek publishes and every transformers version loads):
   config.json (model_type deepseek_v3), generation_config.json, model.safetensors or
   model-0000i-of-0000n.safetensors + model.safetensors.index.json, tokenizer files when given.
   Keys: ``model.embed_tokens.weight``, ``model.layers.L.self_attn.*``, dense ``mlp.{gate,up,down}_proj``,
@@ -27,7 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .model import MoEFlowForCausalLM
+from .dense import DenseForCausalLM
+from .dense_config import DenseConfig, config_from_hf_dict, config_from_yaml
+from .model import CausalLM, MoEFlowForCausalLM
 
 _EXPERT = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 _FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
@@ -37,8 +45,11 @@ _TOKENIZER_FILES = re.compile(
 
 
 # --- key mapping ------------------------------------------------------------------------------------
-def to_hf_state_dict(model: MoEFlowForCausalLM, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """moeflow state -> HF per-expert tensors (contiguous, distinct storages). MTP modules are dropped."""
+def to_hf_state_dict(model: CausalLM, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """moeflow state -> HF tensors (contiguous, distinct storages). DeepSeek-V3: per-expert keys, MTP
+    modules dropped; dense families: q/k rows back in rotate-half order."""
+    if isinstance(model, DenseForCausalLM):
+        return dense_to_hf_state_dict(model, dtype)
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         if name.startswith("mtp."):
@@ -113,16 +124,70 @@ def from_hf_state_dict(
     return state, unused
 
 
+# --- dense families (Llama, Qwen2) --------------------------------------------------------------------
+_ROPE_ROWS = re.compile(r"layers\.\d+\.self_attn\.(q_proj|k_proj)\.(weight|bias)")
+
+
+def _rope_rows(t: torch.Tensor, cfg: DenseConfig, proj: str, to_pairs: bool) -> torch.Tensor:
+    """Permute the output rows of q_proj / k_proj per head between HF's rotate-half order
+    ``[x_0 .. x_{d/2-1} | x_{d/2} .. x_{d-1}]`` and the adjacent-pair order ``[x_0, x_{d/2}, x_1, ...]``
+    that ``kernels.apply_rope`` rotates (see ``gqa.py``)."""
+    heads = cfg.num_attention_heads if proj == "q_proj" else cfg.kv_heads
+    half = cfg.dim_per_head // 2
+    if t.shape[0] != heads * 2 * half:
+        return t  # mis-shaped: left for the loader's shape check to name
+    split = (heads, 2, half) if to_pairs else (heads, half, 2)
+    return t.reshape(*split, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def dense_to_hf_state_dict(model: DenseForCausalLM, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Llama/Qwen2 moeflow state -> transformers keys (``model.`` prefix) in rotate-half q/k order."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        m = _ROPE_ROWS.fullmatch(name)
+        if m:
+            t = _rope_rows(t, model.cfg, m.group(1), to_pairs=False)
+        key = name if name.startswith("lm_head.") else f"model.{name}"
+        out[key] = t.to(dtype).contiguous().clone()
+    return out
+
+
+def dense_from_hf_state_dict(
+    tensors: dict[str, torch.Tensor], cfg: DenseConfig
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers Llama/Qwen2 tensors -> (moeflow state dict, unused HF keys)."""
+    state: dict[str, torch.Tensor] = {}
+    unused: list[str] = []
+    for key, t in tensors.items():
+        if key == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                unused.append(key)  # a tied copy; the embedding is the one we keep
+            else:
+                state[key] = t
+            continue
+        if not key.startswith("model.") or key.endswith("rotary_emb.inv_freq"):
+            unused.append(key)
+            continue
+        name = key[len("model."):]
+        m = _ROPE_ROWS.fullmatch(name)
+        if m:
+            t = _rope_rows(t, cfg, m.group(1), to_pairs=True)
+        state[name] = t
+    return state, unused
+
+
 # --- export ---------------------------------------------------------------------------------------
 def export_hf(
-    model: MoEFlowForCausalLM,
+    model: CausalLM,
     out_dir: str | Path,
     *,
     tokenizer_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
-    """Write ``model`` as a directory ``transformers.DeepseekV3ForCausalLM.from_pretrained`` loads.
+    """Write ``model`` as a directory ``transformers.AutoModelForCausalLM.from_pretrained`` loads (as
+    ``DeepseekV3ForCausalLM``, ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``, by the config's family).
 
     The directory appears complete or not at all (written under ``<out_dir>.partial``, then renamed);
     an existing non-empty ``out_dir`` is an error. Returns ``out_dir``.
@@ -209,22 +274,31 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_pretrained(
     path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **overrides
-) -> MoEFlowForCausalLM:
-    """Load a DeepseekV3 directory (transformers ``save_pretrained``, DeepSeek's layout, or ``export_hf``).
+) -> CausalLM:
+    """Load a Hugging Face directory (transformers ``save_pretrained``, DeepSeek's layout, or ``export_hf``)
+    of a supported family: DeepSeek-V3, Llama or Qwen2 (by ``model_type``); sharded or single-file.
 
-    ``overrides`` set moeflow fields (``mtp_depth``, ``bias_update_speed`` ...). MTP modules present in
-    the files are loaded up to ``mtp_depth``; missing ones are freshly initialised. The model is
-    returned in eval mode; ``forward(input_ids (B, T)) -> logits (B, T, V)``.
+    ``overrides`` set moeflow fields (``mtp_depth``, ``bias_update_speed``, ``kernel_backend`` ...). MTP
+    modules present in the files are loaded up to ``mtp_depth``; missing ones are freshly initialised. The
+    model is returned in eval mode; ``forward(input_ids (B, T)) -> logits (B, T, V)``.
     """
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json")
-    cfg = ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()), **overrides)
+    try:
+        cfg = config_from_hf_dict(json.loads(cfg_file.read_text()), **overrides)
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
     tensors = dict(_iter_tensors(_safetensor_files(path)))
-    state, _unused = from_hf_state_dict(tensors, cfg)
+    if isinstance(cfg, DenseConfig):
+        state, _unused = dense_from_hf_state_dict(tensors, cfg)
+        model_cls: type[CausalLM] = DenseForCausalLM
+    else:
+        state, _unused = from_hf_state_dict(tensors, cfg)
+        model_cls = MoEFlowForCausalLM
     with torch.device("meta"):
-        model = MoEFlowForCausalLM(cfg)
+        model = model_cls(cfg)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     fatal = [k for k in missing if not k.startswith("mtp.")]
@@ -243,8 +317,10 @@ def load_pretrained(
     return model.eval()
 
 
-def _materialize(model: MoEFlowForCausalLM, device, dtype) -> None:
+def _materialize(model: CausalLM, device, dtype) -> None:
     """Allocate what the checkpoint did not provide: counters, and MTP modules absent from the files."""
+    if not isinstance(model, MoEFlowForCausalLM):
+        return
     for moe in model.moe_layers():
         moe.expert_counts = torch.zeros(moe.n_experts, dtype=torch.int64, device=device)
     for module in model.mtp:
@@ -263,7 +339,7 @@ def _materialize(model: MoEFlowForCausalLM, device, dtype) -> None:
 
 # --- CLI entry points (``moeflow model export``) --------------------------------------------------
 def export_from_state(
-    config: ModelConfig | str | Path,
+    config: ModelConfig | DenseConfig | str | Path,
     state_file: str | Path,
     out_dir: str | Path,
     *,
@@ -272,17 +348,17 @@ def export_from_state(
 ) -> Path:
     """Export a trainer checkpoint (a safetensors file of ``model.state_dict()``) as an HF directory.
 
-    config: a ``ModelConfig`` or the YAML file the model was trained with. dtype: a torch dtype or its
-    name ("float32", "bfloat16"). Returns ``out_dir``.
+    config: a model config (any family) or the YAML file the model was trained with. dtype: a torch dtype
+    or its name ("float32", "bfloat16"). Returns ``out_dir``.
     """
     from safetensors.torch import load_file
 
-    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_yaml(config)
+    cfg = config if isinstance(config, ModelConfig | DenseConfig) else config_from_yaml(config)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     state = load_file(str(state_file))
-    model = MoEFlowForCausalLM(cfg)
+    model = DenseForCausalLM(cfg) if isinstance(cfg, DenseConfig) else MoEFlowForCausalLM(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm, linear (optionally FP8), SwiGLU MLP. All math goes through ``kernels``.
+"""Building blocks: RMSNorm, linear (optionally FP8, optionally biased), SwiGLU MLP. All math goes through ``kernels``.
 
 Shape legend: N any leading dims, D in features, F out features, I MLP width.
 """
@@ -25,20 +25,22 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """Bias-free linear layer; with ``fp8=True`` its GEMM runs through ``kernels.fp8_linear``.
+    """Linear layer, bias-free unless ``bias=True``; with ``fp8=True`` its GEMM runs through
+    ``kernels.fp8_linear`` (the bias is added after it, in the activation dtype).
 
     Embeddings, the output head, the router and the norms never use this switch (DeepSeek-V3's recipe
     keeps them in higher precision).
     """
 
-    def __init__(self, in_features: int, out_features: int, fp8: bool = False):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, fp8: bool = False, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
         self.fp8 = fp8
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         if self.fp8:
-            return kernels.fp8_linear(x_ND, self.weight)
-        return F.linear(x_ND, self.weight)
+            y_NF = kernels.fp8_linear(x_ND, self.weight)
+            return y_NF if self.bias is None else y_NF + self.bias.to(y_NF.dtype)
+        return F.linear(x_ND, self.weight, self.bias)
 
 
 class MLP(nn.Module):

@@ -1,4 +1,5 @@
-"""The DeepSeek-V3-architecture causal LM that every moeflow stage trains, samples and exports.
+"""The DeepSeek-V3-architecture causal LM, and ``CausalLM``: what it shares with the dense families
+(``dense.py``) -- the interface every moeflow stage trains, samples and exports through.
 
 Single-device code: data/expert/tensor parallelism, FSDP and torch.compile are applied from outside.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,139 @@ class LossOutput:
     mtp_loss: torch.Tensor | None
     aux_loss: torch.Tensor | None
     n_tokens: int
+
+
+class CausalLM(nn.Module):
+    """What every moeflow causal LM shares: embedding -> blocks -> final norm -> output head, the RoPE
+    tables, the cached forward that ``generate`` drives, and the fused next-token loss.
+
+    A family (``MoEFlowForCausalLM`` here, ``dense.DenseForCausalLM``) builds ``cfg``, ``embed_tokens``,
+    ``layers`` (each called ``block(h, cos, sin, cache, layer) -> (h, aux loss or None)``), ``norm``,
+    ``lm_head`` (None when tied) and ``_rope_tables = {}``, and implements ``_rope_table`` and
+    ``allocate_cache``.
+    """
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, initializer_range) for every matrix (as transformers), ones for norms, zeros for biases."""
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+
+    # --- accessors --------------------------------------------------------------------------------
+    def output_weight(self) -> torch.Tensor:
+        """The (V, D) output projection (the embedding matrix when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def _rope(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (length, rotary dims / 2) fp32 for positions start .. start+length-1 (cached per device)."""
+        end = start + length
+        table = self._rope_tables.get(device)
+        if table is None or table[0].shape[0] < end:
+            n = max(end, 2 ** math.ceil(math.log2(max(end, 1))))
+            n = max(min(n, max(self.cfg.max_position_embeddings, end)), end)
+            # Built outside inference mode even when first needed by generate(): an inference tensor
+            # could not be saved for backward by a later training step (RL samples, then trains).
+            with torch.inference_mode(False), torch.no_grad():
+                table = self._rope_table(torch.arange(n, device=device), device)
+            self._rope_tables[device] = table
+        return table[0][start:end], table[1][start:end]
+
+    def _rope_table(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (len(positions), rotary dims / 2) fp32: the family's RoPE."""
+        raise NotImplementedError
+
+    def allocate_cache(self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str):
+        """An empty KV cache of the family's kind for ``generate`` / ``forward_cached``."""
+        raise NotImplementedError
+
+    # --- forward ----------------------------------------------------------------------------------
+    def _trunk(self, input_ids_BT: torch.Tensor, cache: Any = None):
+        """-> (h_BTD before the final norm, summed aux loss or None)."""
+        if input_ids_BT.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids_BT.shape)}")
+        B, T = input_ids_BT.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {start + T} positions exceeds max_position_embeddings="
+                f"{self.cfg.max_position_embeddings}; shorten the input or raise max_position_embeddings"
+            )
+        cos, sin = self._rope(start, T, input_ids_BT.device)
+        h_BTD = self.embed_tokens(input_ids_BT)
+        aux_total = None
+        for i, block in enumerate(self.layers):
+            h_BTD, aux = block(h_BTD, cos, sin, cache, i)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return h_BTD, aux_total
+
+    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) hidden states after the final norm."""
+        return self.norm(self._trunk(input_ids_BT)[0])
+
+    def forward(self, input_ids_BT: torch.Tensor, labels: torch.Tensor | None = None):
+        """(B, T) token ids -> (B, T, V) logits (materialised).
+
+        With ``labels`` it returns ``compute_loss(input_ids, labels)`` instead, so that wrappers which
+        hook ``forward`` (DDP, FSDP) see the training step.
+        """
+        if labels is not None:
+            return self.compute_loss(input_ids_BT, labels)
+        return F.linear(self.hidden_states(input_ids_BT), self.output_weight())
+
+    def forward_cached(self, input_ids_BT: torch.Tensor, cache: Any, last_only: bool = True) -> torch.Tensor:
+        """Run T new tokens against ``cache`` (from ``allocate_cache``; writing their keys/latents and
+        advancing ``cache.length``).
+
+        -> logits (B, V) of the last position if ``last_only`` else (B, T, V). The caller sets
+        ``cache.valid`` for the new positions (True for real tokens) before the call.
+        """
+        h_BTD, _ = self._trunk(input_ids_BT, cache)
+        cache.length += input_ids_BT.shape[1]
+        if last_only:
+            h_BTD = h_BTD[:, -1]
+        return F.linear(self.norm(h_BTD), self.output_weight())
+
+    def compute_loss(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> LossOutput:
+        """Next-token loss (+ the family's extra losses) without materialising the (B, T, V) logits.
+
+        labels[b, t] is the target of position t (already shifted; -100 = ignore). Each cross-entropy is
+        the mean over its non-ignored targets (0 when there are none).
+        """
+        if labels_BT.shape != input_ids_BT.shape:
+            raise ValueError(f"labels {tuple(labels_BT.shape)} must match input_ids {tuple(input_ids_BT.shape)}")
+        h_BTD, aux = self._trunk(input_ids_BT)
+        W_VD = self.output_weight()
+        lm_loss = self._ce(self.norm(h_BTD), W_VD, labels_BT)
+        mtp_loss, aux = self._extra_losses(input_ids_BT, labels_BT, h_BTD, W_VD, aux)
+        loss = lm_loss
+        if mtp_loss is not None:
+            loss = loss + mtp_loss
+        if aux is not None:
+            loss = loss + aux
+        n_tokens = int((labels_BT != IGNORE_INDEX).sum())
+        return LossOutput(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux, n_tokens=n_tokens)
+
+    def _extra_losses(self, input_ids_BT, labels_BT, h_BTD, W_VD, aux):
+        """-> (MTP loss or None, aux loss or None) on top of the next-token loss; none by default."""
+        return None, aux
+
+    @staticmethod
+    def _ce(h_BTD: torch.Tensor, W_VD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        labels_N = labels_BT.reshape(-1)
+        total = kernels.fused_linear_cross_entropy(  # weight cast as autocast would (no-op without it)
+            h_BTD.reshape(-1, h_BTD.shape[-1]), W_VD.to(h_BTD.dtype), labels_N, ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return total / (labels_N != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class Block(nn.Module):
@@ -92,7 +227,7 @@ class MTPModule(Block):
         return self.forward(x_BTD, cos, sin)
 
 
-class MoEFlowForCausalLM(nn.Module):
+class MoEFlowForCausalLM(CausalLM):
     """DeepSeek-V3-architecture causal LM (MLA + DeepSeekMoE + optional MTP). See the module docstring."""
 
     def __init__(self, cfg: ModelConfig):
@@ -111,25 +246,14 @@ class MoEFlowForCausalLM(nn.Module):
     # --- construction -----------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, initializer_range) for every matrix (as transformers), ones for norms, zero balancing bias."""
-        std = self.cfg.initializer_range
-        for name, p in self.named_parameters():
-            if p.device.type == "meta":
-                continue
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)
+        """CausalLM's initialisation, and zero balancing biases and counters."""
+        super().reset_parameters()
         for moe in self.moe_layers():
             if moe.gate.e_score_correction_bias.device.type != "meta":
                 moe.gate.e_score_correction_bias.zero_()
                 moe.expert_counts.zero_()
 
     # --- accessors --------------------------------------------------------------------------------
-    def output_weight(self) -> torch.Tensor:
-        """The (V, D) output projection (the embedding matrix when tied)."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     def moe_layers(self) -> list[MoE]:
         """The MoE layers: those of the trunk in order, then those of the MTP modules."""
         blocks = list(self.layers) + list(self.mtp)
@@ -142,109 +266,31 @@ class MoEFlowForCausalLM(nn.Module):
         for moe in self.moe_layers():
             moe.impl = impl
 
-    def _rope(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (length, Dr/2) fp32 for positions start .. start+length-1 (tables cached per device)."""
-        end = start + length
-        table = self._rope_tables.get(device)
-        if table is None or table[0].shape[0] < end:
-            n = max(end, 2 ** math.ceil(math.log2(max(end, 1))))
-            n = max(min(n, max(self.cfg.max_position_embeddings, end)), end)
-            cfg = self.cfg
-            # Built outside inference mode even when first needed by generate(): an inference tensor
-            # could not be saved for backward by a later training step (RL samples, then trains).
-            with torch.inference_mode(False), torch.no_grad():
-                pos = torch.arange(n, device=device)
-                table = kernels.rope_cos_sin(pos, cfg.qk_rope_head_dim, cfg.rope_theta, device, cfg.rope_scaling)
-            self._rope_tables[device] = table
-        return table[0][start:end], table[1][start:end]
-
-    # --- forward ----------------------------------------------------------------------------------
-    def _trunk(self, input_ids_BT: torch.Tensor, cache: LatentCache | None = None):
-        """-> (h_BTD before the final norm, summed aux loss or None)."""
-        if input_ids_BT.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids_BT.shape)}")
-        B, T = input_ids_BT.shape
-        start = 0 if cache is None else cache.length
-        if start + T > self.cfg.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {start + T} positions exceeds max_position_embeddings="
-                f"{self.cfg.max_position_embeddings}; shorten the input or raise max_position_embeddings"
-            )
-        cos, sin = self._rope(start, T, input_ids_BT.device)
-        h_BTD = self.embed_tokens(input_ids_BT)
-        aux_total = None
-        for i, block in enumerate(self.layers):
-            h_BTD, aux = block(h_BTD, cos, sin, cache, i)
-            if aux is not None:
-                aux_total = aux if aux_total is None else aux_total + aux
-        return h_BTD, aux_total
-
-    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, D) hidden states after the final norm."""
-        return self.norm(self._trunk(input_ids_BT)[0])
-
-    def forward(self, input_ids_BT: torch.Tensor, labels: torch.Tensor | None = None):
-        """(B, T) token ids -> (B, T, V) logits (materialised).
-
-        With ``labels`` it returns ``compute_loss(input_ids, labels)`` instead, so that wrappers which
-        hook ``forward`` (DDP, FSDP) see the training step.
-        """
-        if labels is not None:
-            return self.compute_loss(input_ids_BT, labels)
-        return F.linear(self.hidden_states(input_ids_BT), self.output_weight())
-
-    def forward_cached(self, input_ids_BT: torch.Tensor, cache: LatentCache, last_only: bool = True) -> torch.Tensor:
-        """Run T new tokens against ``cache`` (writing their latents, advancing ``cache.length``).
-
-        -> logits (B, V) of the last position if ``last_only`` else (B, T, V). The caller sets
-        ``cache.valid`` for the new positions (True for real tokens) before the call.
-        """
-        h_BTD, _ = self._trunk(input_ids_BT, cache)
-        cache.length += input_ids_BT.shape[1]
-        if last_only:
-            h_BTD = h_BTD[:, -1]
-        return F.linear(self.norm(h_BTD), self.output_weight())
-
-    def compute_loss(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> LossOutput:
-        """Next-token loss (+ MTP, + sequence-wise aux) without materialising the (B, T, V) logits.
-
-        labels[b, t] is the target of position t (already shifted; -100 = ignore). The MTP module of
-        depth k reads input_ids[:, k:] and predicts labels[:, k:]. Each cross-entropy is the mean over its
-        non-ignored targets (0 when there are none).
-        """
-        if labels_BT.shape != input_ids_BT.shape:
-            raise ValueError(f"labels {tuple(labels_BT.shape)} must match input_ids {tuple(input_ids_BT.shape)}")
-        h_BTD, aux = self._trunk(input_ids_BT)
-        W_VD = self.output_weight()
-        lm_loss = self._ce(self.norm(h_BTD), W_VD, labels_BT)
-        loss = lm_loss
-        mtp_loss = None
+    # --- forward (the rest is CausalLM's) ---------------------------------------------------------
+    def _extra_losses(self, input_ids_BT, labels_BT, h_BTD, W_VD, aux):
+        """The MTP modules' losses (depth k reads input_ids[:, k:] and predicts labels[:, k:]) and their aux."""
         D_mtp, T = len(self.mtp), input_ids_BT.shape[1]
-        if D_mtp and T > D_mtp:
-            mtp_losses = []
-            for k, module in enumerate(self.mtp, start=1):
-                Tk = T - k
-                cos, sin = self._rope(0, Tk, input_ids_BT.device)
-                emb_BTD = self.embed_tokens(input_ids_BT[:, k:])
-                h_BTD, aux_k = module.forward_mtp(h_BTD[:, :Tk], emb_BTD, cos, sin)
-                if aux_k is not None:
-                    aux = aux_k if aux is None else aux + aux_k
-                mtp_losses.append(self._ce(module.shared_head.norm(h_BTD), W_VD, labels_BT[:, k:]))
-            mtp_loss = self.cfg.mtp_loss_weight / D_mtp * torch.stack(mtp_losses).sum()
-            loss = loss + mtp_loss
-        if aux is not None:
-            loss = loss + aux
-        n_tokens = int((labels_BT != IGNORE_INDEX).sum())
-        return LossOutput(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux, n_tokens=n_tokens)
+        if not D_mtp or T <= D_mtp:
+            return None, aux
+        mtp_losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            Tk = T - k
+            cos, sin = self._rope(0, Tk, input_ids_BT.device)
+            emb_BTD = self.embed_tokens(input_ids_BT[:, k:])
+            h_BTD, aux_k = module.forward_mtp(h_BTD[:, :Tk], emb_BTD, cos, sin)
+            if aux_k is not None:
+                aux = aux_k if aux is None else aux + aux_k
+            mtp_losses.append(self._ce(module.shared_head.norm(h_BTD), W_VD, labels_BT[:, k:]))
+        return self.cfg.mtp_loss_weight / D_mtp * torch.stack(mtp_losses).sum(), aux
 
-    @staticmethod
-    def _ce(h_BTD: torch.Tensor, W_VD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        labels_N = labels_BT.reshape(-1)
-        total = kernels.fused_linear_cross_entropy(  # weight cast as autocast would (no-op without it)
-            h_BTD.reshape(-1, h_BTD.shape[-1]), W_VD.to(h_BTD.dtype), labels_N, ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        return total / (labels_N != IGNORE_INDEX).sum().clamp(min=1)
+    def _rope_table(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        return kernels.rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, device, cfg.rope_scaling)
+
+    def allocate_cache(
+        self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str
+    ) -> LatentCache:
+        return LatentCache.allocate(self.cfg, batch, max_len, dtype=dtype, device=device)
 
     # --- expert-load bookkeeping (aux-loss-free balancing) -----------------------------------------
     def expert_counts(self) -> torch.Tensor:

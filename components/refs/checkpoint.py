@@ -4,7 +4,7 @@ Checkpoint layout, one published directory per step under `<stage output>/checkp
 
     step_0000100/
       model.safetensors     the model's full state dict (weights + balancing biases), plain tensors
-      config.json           the moeflow ModelConfig (so `load_model` reads a checkpoint too)
+      config.json           the moeflow model config (so `load_model` reads a checkpoint too)
       optimizer.pt          the full (unsharded) optimizer state dict   -- torch.load(weights_only=True)
       trainer_state.pt      step, data position, scheduler, every RNG state of every rank, counters
                                                                         -- torch.load(weights_only=True)
@@ -18,7 +18,8 @@ arbitrary objects: weights are safetensors and every `torch.load` passes `weight
 
 Model layout (`<stage output>/model/`, written by `save_model`, read by `load_model`)::
 
-    model.safetensors  config.json (ModelConfig, moeflow field names)  tokenizer.json  tokenizer_config.json
+    model.safetensors  config.json (the model config, moeflow field names; `model_type` names a dense
+    family)  tokenizer.json  tokenizer_config.json
     dataset.json (the dataset's index: special-token ids and strings, vocab, seq_len)  training.json
 """
 
@@ -37,8 +38,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.model.config import ModelConfig
+from components.model.dense_config import AnyModelConfig
 from infra import storage
+from infra.contract import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ def latest_checkpoint(output_uri: str) -> tuple[int, str] | None:
 
 
 def write_checkpoint(local_dir: Path, *, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                     trainer_state: dict[str, Any], summary: dict[str, Any], model_cfg: ModelConfig) -> None:
+                     trainer_state: dict[str, Any], summary: dict[str, Any], model_cfg: AnyModelConfig) -> None:
     """Write a checkpoint's files into `local_dir` (emptied first); publishing is a separate step."""
     shutil.rmtree(local_dir, ignore_errors=True)
     local_dir.mkdir(parents=True)
@@ -177,7 +179,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 # --- the published model ----------------------------------------------------------------------------
-def save_model(model: nn.Module | dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
+def save_model(model: nn.Module | dict[str, torch.Tensor], cfg: AnyModelConfig, out_dir: str | Path,
                tokenizer_dir: str | Path | None = None, *, extra: dict[str, Any] | None = None) -> Path:
     """Write a model directory `load_model` reads: `model.safetensors`, `config.json`, the tokenizer
     files and `dataset.json` of `tokenizer_dir` (a prepared dataset directory) when given, and
@@ -200,18 +202,35 @@ def save_model(model: nn.Module | dict[str, torch.Tensor], cfg: ModelConfig, out
 
 
 def load_model(uri_or_dir: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[nn.Module, ModelConfig]:
-    """(model in eval mode, its ModelConfig) from a published model or checkpoint URI, or a local
-    directory written by `save_model`. A URI with a manifest is fetched and verified first."""
-    from components.model.model import Transformer
+               dtype: torch.dtype | None = None) -> tuple[nn.Module, AnyModelConfig]:
+    """(model in eval mode, its config) from a published model or checkpoint URI, or a local directory:
+    one written by `save_model` (moeflow's layout), or a Hugging Face directory of a supported family
+    (DeepSeek-V3, Llama, Qwen2: a release, an `export_hf`, a `transformers` `save_pretrained`). A URI with
+    a manifest is fetched and verified first. A config or weights that do not fit are a ConfigError
+    naming the directory."""
+    from components.model import build_model, config_from_dict
+    from components.model.dense_config import is_hf_config
+    from components.model.hf import load_pretrained
 
     src = str(uri_or_dir)
     path = storage.fetch_dir(src) if storage.is_published(src) else Path(src.removeprefix("file://"))
-    if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{uri_or_dir}: not a model directory (needs {CONFIG_FILE})")
+    raw = json.loads((path / CONFIG_FILE).read_text())
+    if is_hf_config(raw):
+        try:
+            model = load_pretrained(path, device=device, dtype=dtype or torch.float32)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"{uri_or_dir}: {exc}") from None
+        return model.eval(), model.cfg
+    if not (path / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{uri_or_dir}: not a moeflow model directory (needs {CONFIG_FILE} and {MODEL_FILE})")
-    cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    try:
+        cfg = config_from_dict(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{uri_or_dir}: {CONFIG_FILE}: {exc}") from None
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     state = load_file(str(path / MODEL_FILE), device=str(device))
     model.load_state_dict(state, strict=True, assign=True)
     for moe in model.moe_layers():  # counters are not saved (non-persistent buffers)

@@ -4,7 +4,10 @@ A model reference is one of
 - a published model directory written by ``components.refs.checkpoint.save_model`` (the ``model``
   output of pretraining, RL or distillation) or one of their checkpoints (``.../checkpoints/step_N``);
 - a stage output root holding ``RESULT.json`` (its model output is used);
-- a release directory in Hugging Face format (``config.json`` with ``model_type: deepseek_v3``);
+- a directory in Hugging Face format of a supported family (``model_type`` ``deepseek_v3``, ``llama`` or
+  ``qwen2``): a moeflow release, or one moeflow did not publish (a ``transformers`` ``save_pretrained``, a
+  downloaded checkpoint); a local directory without a manifest is hashed file by file when a stage takes it
+  as an input (``infra.plan.content_hash``), so lineage still holds;
 - an MLflow Model Registry reference ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the model version's
   tag ``moeflow.model_uri`` names the release directory.
 
@@ -83,7 +86,7 @@ class LoadedModel:
     tokenizer: Any
     cfg: Any
     path: Path
-    kind: str  # "moeflow" (save_model layout or a checkpoint) or "hf" (release)
+    kind: str  # "moeflow" (save_model layout or a checkpoint) or "hf" (a release or any HF directory)
     tokenizer_file: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -116,17 +119,14 @@ def load_model_ref(uri: str) -> LoadedModel:
         tok_file = local_dir(dataset) / "tokenizer.json" if dataset else tok_file
         if not tok_file.is_file():
             raise ConfigError(f"{uri}: no tokenizer.json next to the model, and its lineage names no dataset")
-    raw = json.loads(cfg_file.read_text())
-    if raw.get("model_type") == "deepseek_v3":
-        from components.model import load_pretrained
+    from components.model.dense_config import is_hf_config
+    from components.refs.checkpoint import load_model
 
-        model = load_pretrained(path)
-        kind = "hf"
-    else:
-        from components.refs.checkpoint import load_model
-
-        model, _ = load_model(path)
-        kind = "moeflow"
+    kind = "hf" if is_hf_config(json.loads(cfg_file.read_text())) else "moeflow"
+    try:
+        model, _ = load_model(path)  # a config or weights that do not fit: a ConfigError naming the path
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
     tokenizer = Tokenizer.from_file(str(tok_file))
     manifest = storage.read_manifest(uri) if storage.is_published(uri) else None
     meta = dict(getattr(manifest, "meta", None) or {})

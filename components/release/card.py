@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.model.config import ModelConfig
+from components.model.dense_config import ARCHITECTURES, AnyModelConfig, DenseConfig, model_type_of
 
 MIT_TEMPLATE = """MIT License
 
@@ -53,7 +53,7 @@ class ReleaseCard:
     """Everything the model card and LICENSE say (see `render_card`)."""
 
     name: str
-    model_cfg: ModelConfig
+    model_cfg: AnyModelConfig
     license_holder: str
     license_year: int
     source_uri: str | None = None
@@ -116,14 +116,37 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _kind(cfg: ModelConfig) -> str:
-    if cfg.n_moe_layers == 0:
+def _family(cfg: AnyModelConfig) -> tuple[str, str]:
+    """(family name for people, the transformers class) of the config."""
+    arch = ARCHITECTURES[model_type_of(cfg)]
+    return {"DeepseekV3ForCausalLM": "DeepSeek-V3", "LlamaForCausalLM": "Llama",
+            "Qwen2ForCausalLM": "Qwen2"}[arch], arch
+
+
+def _kind(cfg: AnyModelConfig) -> str:
+    if isinstance(cfg, DenseConfig) or cfg.n_moe_layers == 0:
         return "dense"
     return f"Mixture-of-Experts ({cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared experts)"
 
 
 # ---- sections --------------------------------------------------------------------------------------
-def _architecture(cfg: ModelConfig, info: dict[str, Any]) -> list[str]:
+def _dense_architecture(cfg: DenseConfig, info: dict[str, Any]) -> list[list[str]]:
+    family, arch = _family(cfg)
+    biases = "q/k/v biases" if cfg.qkv_bias and not cfg.o_bias else "q/k/v/o biases" if cfg.qkv_bias else "no biases"
+    return [
+        ["architecture", f"{family} (`{arch}`): grouped-query attention, SwiGLU MLP, RMSNorm, RoPE"],
+        ["parameters", f"{_big(info['total_params'])} ({info['total_params']:,}), all active"],
+        ["layers", str(info["layers"])],
+        ["hidden size", str(cfg.hidden_size)],
+        ["attention heads", f"{cfg.num_attention_heads} query, {cfg.kv_heads} key/value; head dim "
+                            f"{cfg.dim_per_head}; {biases}"],
+        ["MLP width", str(cfg.intermediate_size)],
+    ]
+
+
+def _architecture(cfg: AnyModelConfig, info: dict[str, Any]) -> list[str]:
+    if isinstance(cfg, DenseConfig):
+        return _architecture_tail(cfg, info, _dense_architecture(cfg, info))
     rows = [
         ["architecture", "DeepSeek-V3 (`DeepseekV3ForCausalLM`): multi-head latent attention, DeepSeekMoE"],
         ["total parameters", f"{_big(info['total_params'])} ({info['total_params']:,})"],
@@ -141,10 +164,16 @@ def _architecture(cfg: ModelConfig, info: dict[str, Any]) -> list[str]:
                                 f"{cfg.num_experts_per_tok} per token, {cfg.n_shared_experts} shared; "
                                 f"{cfg.n_group} groups, top {cfg.topk_group} kept; routed scaling "
                                 f"{cfg.routed_scaling_factor:g}"])
-    rows += [
+    return _architecture_tail(cfg, info, rows)
+
+
+def _architecture_tail(cfg: AnyModelConfig, info: dict[str, Any], rows: list[list[str]]) -> list[str]:
+    scaling = cfg.rope_scaling or {}
+    kind = {"yarn": "YaRN", "llama3": "Llama 3 RoPE scaling"}.get(scaling.get("rope_type", scaling.get("type")))
+    rows = rows + [
         ["vocabulary", f"{cfg.vocab_size:,}"],
         ["context", f"{cfg.max_position_embeddings:,} positions"
-                    + (f" (YaRN x{cfg.rope_scaling.get('factor')})" if cfg.rope_scaling else "")],
+                    + (f" ({kind} x{scaling.get('factor')})" if kind else "")],
         ["inference FLOPs per token", _big(info.get("inference_flops_per_token"))],
         ["KV cache per token (bf16)", f"{info.get('kv_cache_bytes_per_token', 0):,} bytes"],
         ["tied embeddings", str(cfg.tie_word_embeddings).lower()],
@@ -310,7 +339,7 @@ def card_data(card: ReleaseCard) -> Any:
                for k, v in sorted((ev.get("metrics") or {}).items()) if not k.endswith("_stderr")]
     return ModelCardData(
         license="mit", library_name="transformers", pipeline_tag="text-generation", model_name=card.name,
-        tags=["deepseek_v3", "moeflow", "moe" if card.model_cfg.n_moe_layers else "dense"],
+        tags=[model_type_of(card.model_cfg), "moeflow", "dense" if _kind(card.model_cfg) == "dense" else "moe"],
         base_model=portable(models[0]["uri"]) if models else None, datasets=sorted(set(datasets)) or None,
         eval_results=results or None)
 
@@ -320,10 +349,12 @@ def render_card(card: ReleaseCard, info: dict[str, Any]) -> str:
     from huggingface_hub import ModelCard
 
     cfg = card.model_cfg
-    title = card.title or f"{card.name}: a {_kind(cfg).split(' (')[0]} DeepSeek-V3-architecture language model"
-    summary = (f"A {_kind(cfg)} causal language model with the DeepSeek-V3 architecture, "
+    family, arch = _family(cfg)
+    title = card.title or f"{card.name}: a {_kind(cfg).split(' (')[0]} {family}-architecture language model"
+    summary = (f"A {_kind(cfg)} causal language model with the {family} architecture, "
                f"{_big(info['total_params'])} parameters in total and {_big(info['active_params'])} active per "
                f"token, built with moeflow and released under the MIT license.")
+    weights = f"{card.dtype}; router weights and balancing biases float32" if family == "DeepSeek-V3" else card.dtype
     lines = [
         f"# {title}",
         "",
@@ -335,13 +366,13 @@ def render_card(card: ReleaseCard, info: dict[str, Any]) -> str:
     lines += [
         "```python",
         "import torch",
-        "from transformers import AutoTokenizer, DeepseekV3ForCausalLM",
+        f"from transformers import AutoTokenizer, {arch}",
         "",
-        'model = DeepseekV3ForCausalLM.from_pretrained("PATH", dtype=torch.float32, use_safetensors=True)',
+        f'model = {arch}.from_pretrained("PATH", dtype=torch.float32, use_safetensors=True)',
         'tokenizer = AutoTokenizer.from_pretrained("PATH")',
         "```",
         "",
-        f"Weights: safetensors ({card.dtype}; router weights and balancing biases float32), no multi-token "
+        f"Weights: safetensors ({weights}), no multi-token "
         "prediction modules. Check this directory with `moeflow release verify PATH`: every SHA-256, then "
         "the logits of `transformers` against moeflow's own on fixed inputs.",
         "",

@@ -19,7 +19,6 @@ evaluation metrics (`eval/<name>`).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -62,7 +61,6 @@ def input_uris(cfg: ReleaseConfig) -> dict[str, str]:
 
 def load_source_model(uri: str) -> tuple[Any, Path]:
     """(model in eval mode, local directory holding its files) for a published model or release."""
-    from components.model import load_pretrained
     from components.refs.checkpoint import load_model
     from components.refs.models import local_dir
 
@@ -70,11 +68,9 @@ def load_source_model(uri: str) -> tuple[Any, Path]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"release.model: {uri} has no config.json; not a model directory")
-    if json.loads(cfg_file.read_text()).get("model_type") == "deepseek_v3":
-        return load_pretrained(path).eval(), path
     try:
         model, _ = load_model(path)
-    except FileNotFoundError as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         raise ConfigError(f"release.model: {exc}") from None
     return model.eval(), path
 

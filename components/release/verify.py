@@ -5,10 +5,12 @@ Checks, each reported (name, ok, detail) and none stopping the others:
 2. ``sha256 <file>``: every file's SHA-256 against both ``MANIFEST.json`` and ``SHA256SUMS``; a file
    one lists and the other does not, or that is missing, fails; so does a file that neither lists.
 3. ``layout``: config, generation config, safetensors weights (never a pickle format), tokenizer files,
-   model card, LICENSE, SHA256SUMS; ``license``: the MIT text; ``config``: ``model_type: deepseek_v3``.
+   model card, LICENSE, SHA256SUMS; ``license``: the MIT text; ``config``: a supported ``model_type``
+   (``deepseek_v3``, ``llama``, ``qwen2``) and its ``architectures`` class.
 4. ``tokenizer``: ``tokenizer.json`` loads with ``tokenizers`` and with ``AutoTokenizer``, both encode a
    fixed text the same, and every id fits the model's vocabulary.
-5. ``transformers load``: ``DeepseekV3ForCausalLM.from_pretrained(use_safetensors=True)`` with no missing,
+5. ``transformers load``: the family's class (``DeepseekV3ForCausalLM``, ``LlamaForCausalLM``,
+   ``Qwen2ForCausalLM``) ``.from_pretrained(use_safetensors=True)`` with no missing,
    unexpected or mis-shaped tensors; ``moeflow load``: ``components.model.load_pretrained``.
 6. ``chat template``: ``tokenizer_config.json`` has one and ``transformers`` renders a question as exactly
    the evaluation prompt (bos + ``format_prompt``); ``generation config``: the sampling settings are all
@@ -43,6 +45,7 @@ from typing import Any
 
 import torch
 
+from components.model.dense_config import ARCHITECTURES
 from infra import storage
 
 SUMS_NAME = "SHA256SUMS"
@@ -255,9 +258,11 @@ def _check_layout(root: Path, present: list[str], add: AddCheck) -> bool:
     cfg_ok = False
     try:
         cfg = json.loads((root / "config.json").read_text())
-        cfg_ok = cfg.get("model_type") == "deepseek_v3" and "DeepseekV3ForCausalLM" in (cfg.get("architectures") or [])
-        add("config", cfg_ok, "model_type deepseek_v3, DeepseekV3ForCausalLM" if cfg_ok else
-            f"config.json has model_type {cfg.get('model_type')!r}, architectures {cfg.get('architectures')}")
+        arch = ARCHITECTURES.get(cfg.get("model_type"))
+        cfg_ok = arch is not None and arch in (cfg.get("architectures") or [])
+        add("config", cfg_ok, f"model_type {cfg.get('model_type')}, {arch}" if cfg_ok else
+            f"config.json has model_type {cfg.get('model_type')!r}, architectures {cfg.get('architectures')} "
+            f"(supported: {', '.join(f'{k} {v}' for k, v in ARCHITECTURES.items())})")
     except (OSError, ValueError, AttributeError) as exc:
         add("config", False, f"config.json: {_err(exc)}", file="config.json")
     return weights_ok and cfg_ok and (root / "config.json").is_file()
@@ -286,20 +291,21 @@ def _check_tokenizer(root: Path, vocab_size: int, add: AddCheck) -> torch.Tensor
 
 
 def _check_models(root: Path, atol: float, add: AddCheck, report: dict[str, Any]) -> None:
-    from transformers import DeepseekV3ForCausalLM
+    import transformers
 
     from components.model import load_pretrained
 
     cfg = json.loads((root / "config.json").read_text())
+    arch = ARCHITECTURES[cfg["model_type"]]  # _check_files passed the config check
     text_ids = _check_tokenizer(root, int(cfg.get("vocab_size", 0)), add)
     try:
-        hf, info = DeepseekV3ForCausalLM.from_pretrained(str(root), dtype=torch.float32, use_safetensors=True,
-                                                         output_loading_info=True)
+        hf, info = getattr(transformers, arch).from_pretrained(str(root), dtype=torch.float32, use_safetensors=True,
+                                                               output_loading_info=True)
         hf.eval()
         bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys",
                                                                "error_msgs")}
         detail = "; ".join(f"{k}: {sorted(map(str, v))[:4]}" for k, v in bad.items())
-        add("transformers load", not bad, detail or "DeepseekV3ForCausalLM, safetensors, every tensor matched",
+        add("transformers load", not bad, detail or f"{arch}, safetensors, every tensor matched",
             file="model.safetensors" if bad else None)
         if bad:
             hf = None

@@ -97,6 +97,19 @@ def test_stage_publishes_verified_traces_and_a_smaller_student(teacher_uri, easy
     assert [s for s, _ in ckpt.list_checkpoints(plan.output_uri)] == [3, 6]
 
 
+def test_a_llama_student_is_distilled_from_the_moe_teacher(teacher_uri, easy_tasks):
+    from components.model import DenseForCausalLM
+
+    llama = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256}
+    result, _ = run(config(teacher_uri, easy_tasks, student={"model": llama}))
+    student, cfg = ckpt.load_model(result.outputs["student"])
+    _, tcfg = ckpt.load_model(teacher_uri)
+    assert isinstance(student, DenseForCausalLM) and cfg.model_type == "llama" and cfg.kv_heads == 1
+    assert cfg.vocab_size == tcfg.vocab_size and cfg.eos_token_id == tcfg.eos_token_id
+    assert result.metrics["sft_steps"] == 6 and result.metrics["active_ratio"] <= 0.5
+
+
 def test_cli_summary_names_the_student_and_the_run(teacher_uri, easy_tasks):
     from flows.distill import describe, summarize
 

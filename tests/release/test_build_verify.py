@@ -75,6 +75,33 @@ def test_verify_passes_on_an_intact_release(kind, make_model, tokenizer_dir, tmp
     assert report["warnings"] == [] and report["failed_files"] == []
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_and_qwen2_releases_verify_against_their_transformers_class(family, tokenizer_dir, tmp_path,
+                                                                          moeflow_home):
+    from tokenizers import Tokenizer
+
+    from components.model import build_model, config_from_dict
+
+    n_tokens = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    cfg = config_from_dict(dict(model_type=family, vocab_size=n_tokens + 8, hidden_size=32, intermediate_size=48,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=64, initializer_range=0.1, bos_token_id=0, eos_token_id=1,
+                                pad_token_id=2, tie_word_embeddings=family == "qwen2"))
+    torch.manual_seed(4)
+    model = build_model(cfg).eval()
+    uri = str(tmp_path / "store" / "release")
+    built, _ = make_release(model, tokenizer_dir, tmp_path / "rel", uri)
+    written = json.loads((built["dir"] / "config.json").read_text())
+    assert written["model_type"] == family and written["architectures"] == [cfg.architecture]
+    card = (built["dir"] / "README.md").read_text()
+    assert f"`{cfg.architecture}`" in card and "grouped-query attention" in card and f"- {family}" in card
+    report = verify_release(uri)
+    assert report["ok"], [c for c in report["checks"] if not c["ok"]]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["transformers load"]["detail"].startswith(cfg.architecture)
+    assert 0 <= report["max_abs_diff"] <= 1e-4
+
+
 @pytest.mark.parametrize("victim", ["model.safetensors", "tokenizer.json"])
 def test_one_changed_byte_fails_verification_naming_the_file(victim, make_model, tokenizer_dir, tmp_path,
                                                              moeflow_home, flip_byte):

@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention FLOPs")
     p.set_defaults(func=cmd_model_info)
-    p = model.add_parser("export", help="write a checkpoint as a Hugging Face DeepseekV3 directory")
+    p = model.add_parser("export", help="write a checkpoint as a Hugging Face directory (DeepseekV3, Llama or Qwen2)")
     p.add_argument("--checkpoint", required=True, help="URI of a trained model (a stage output)")
     p.add_argument("--out", required=True, help="new local directory")
     p.add_argument("--json", action="store_true")

@@ -69,7 +69,7 @@ def eval_flow(
             `sampling.n_samples=16`.
     """
     named = {m["uri"]: m for m in PRESET_MODELS}  # the default preset's references keep its row names
-    fields = {"models": [named.get(m, {"uri": m}) for m in models] if models else None, "suite.dataset": dataset,
+    fields = {"models": [dict(named.get(m, {"uri": m})) for m in models] if models else None, "suite.dataset": dataset,
               "sampling.seed": seed}
     return _run(preset_config("eval", preset, fields, overrides))  # type: ignore[arg-type]
 

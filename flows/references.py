@@ -29,6 +29,8 @@ from infra.settings import Settings, get_settings
 PREFIX = "latest:"
 # (stage, field) -> the field naming the model that the referenced output must have read
 EVALUATED_BY = {("release", "eval_report"): "model"}
+# what null means in such a field, for the error message
+WITHOUT = {("release", "eval_report"): "release without a report (the gate then reads `metrics`)"}
 
 
 def is_reference(value: Any) -> bool:
@@ -98,6 +100,7 @@ def resolve_references(stage: str, data: dict[str, Any], *, hint: Callable[[str]
         runs = published_results(source.name, settings)
         what = f"no published {source.name} output in {settings.store_uri}"
         model_field = EVALUATED_BY.get((stage, path))
+        todo = f"run {source.name} first, or {hint(path)}"
         if model_field and _get(out, model_field):
             from components.refs.models import resolve_model_ref
 
@@ -105,8 +108,10 @@ def resolve_references(stage: str, data: dict[str, Any], *, hint: Callable[[str]
             runs = [r for r in runs if _evaluated(r, model_uri)]
             what = (f"no published {source.name} output in {settings.store_uri} evaluated {model_uri} "
                     f"({stage}.{model_field})")
+            todo = (f"run {source.name} on it first, or {hint(path)}, or override {path}=null to "
+                    f"{WITHOUT[(stage, path)]}")
         if not runs:
-            raise ConfigError(f"{where}: {ref} — {what}; run {source.name} first, or {hint(path)}")
+            raise ConfigError(f"{where}: {ref} — {what}; {todo}")
         newest = runs[0]
         if output not in newest.result.outputs:
             raise ConfigError(f"{where}: {ref} — the {source.name} output {newest.uri} has no output {output!r} "

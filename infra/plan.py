@@ -1,4 +1,5 @@
-"""Content addressing: validate a stage's config, hash its inputs, derive where it writes, find a cached run.
+"""Content addressing: validate a stage's config, hash its inputs, derive where it writes, find a cached run,
+list a stage's complete runs in the store (`published_results`, what `latest:<stage>` references read).
 
 The output location of a stage run is derived from the hash of its config and its inputs' hashes, so
 running the same thing twice finds the first result (`RESULT.json`, written last) and returns at once.

@@ -100,8 +100,10 @@ def test_release_takes_the_newest_evaluation_of_the_model_it_releases(moeflow_ho
     assert (cfg.model, cfg.eval_report, cfg.name) == (teacher, of_teacher["report"], "moeflow-teacher")
     student = stage_run("distill", "s0", ("student", "traces"), tmp_path)["student"]  # never evaluated
     with pytest.raises(ConfigError, match=rf"release.eval_report: latest:eval — no published eval output in "
-                                          rf".* evaluated {student} \(release.model\); run eval first"):
-        preset_config("release", "tiny", {"model": "latest:distill"}, None)
+                                          rf".* evaluated {student} \(release.model\); run eval on it first, or set "
+                                          rf"the field `eval_report` to a URI, or override eval_report=null to "
+                                          rf"release without a report"):
+        preset_config("release", "tiny", {"model": "latest:distill", "eval_report": None, "name": None}, None)
 
 
 def test_an_empty_store_names_the_field_the_store_and_what_to_run(moeflow_home):

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
@@ -99,7 +100,7 @@ def flow_log(line: str) -> None:
     """A line for the flow run's log (what the UI shows); outside a run, the module's logger."""
     try:
         logger: Any = get_run_logger()
-    except Exception:  # noqa: BLE001 - no run context (a test, a plain call)
+    except MissingContextError:  # not in a flow run (a test, a plain call)
         logger = logging.getLogger(__name__)
     logger.info("%s", line)
 

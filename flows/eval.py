@@ -17,6 +17,7 @@ from components.eval.report import markdown_report, table_rows
 from flows.common import (
     config_flow,
     convenience,
+    flow_log,
     parent_run,
     preset_choice,
     preset_config,
@@ -125,7 +126,7 @@ def eval_champion_flow(
         model_name: registered model name in the MLflow Model Registry (the pipeline registers
             moeflow-teacher and moeflow-student).
         alias: the registry alias to evaluate (champion: the last release whose gate passed).
-        dataset: the suite's prepared dataset (empty: the one in the model's lineage).
+        dataset: the suite's prepared dataset: a URI or latest:prep (empty: the one in the model's lineage).
         task_files: user JSONL task files added to the suite.
         max_per_family: at most this many held-out problems per task family.
         sampling: sampling settings (empty: the eval stage's defaults).
@@ -140,7 +141,10 @@ def eval_champion_flow(
         suite=SuiteConfig(dataset=dataset, task_files=task_files or [], max_per_family=max_per_family),
         sampling=sampling or SamplingConfig(),
     )
-    data = config.model_dump(mode="json")
+    from flows.references import resolve_references
+
+    data = resolve_references("eval", config.model_dump(mode="json"), log=flow_log,  # dataset: latest:prep
+                              hint=lambda path: "set the field `dataset` to a URI")
     with parent_run("eval-champion", params={"model": ref, "version": version, **data}) as parent:
         result = run_stage("eval", data, parent.run_id)
         summary = summarize(result)

@@ -51,12 +51,12 @@ def _parse(ref: str, where: str) -> tuple[registry.Stage, str]:
     return registry.STAGES[name], output or registry.STAGES[name].output
 
 
-def _walk(data: Any, path: str = "") -> list[tuple[str, str]]:
+def find_references(data: Any, path: str = "") -> list[tuple[str, str]]:
     """(dotted path, value) of every `latest:` string in a config (lists indexed: `models.0.uri`)."""
     if is_reference(data):
         return [(path, data)]
     items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-    return [found for k, v in items for found in _walk(v, f"{path}.{k}" if path else str(k))]
+    return [found for k, v in items for found in find_references(v, f"{path}.{k}" if path else str(k))]
 
 
 def _set(data: Any, path: str, value: str) -> None:
@@ -87,7 +87,7 @@ def resolve_references(stage: str, data: dict[str, Any], *, hint: Callable[[str]
     field, the store and what to run; `hint(path)` says how the user sets the field themselves."""
     import copy
 
-    found = _walk(data)
+    found = find_references(data)
     if not found:
         return data
     settings = settings or get_settings()

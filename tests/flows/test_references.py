@@ -143,3 +143,17 @@ def test_the_cli_resolves_before_planning_and_names_the_set_option(moeflow_home)
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: pretrain.dataset: latest:prep — no published prep output in {get_settings().store_uri}; "
         "run prep first, or --set dataset=<URI>")
+
+
+def test_the_tiny_preset_references_only_what_the_pipeline_wires_itself():
+    """`moeflow pipeline` passes these fields explicit URIs (flows/pipeline.py: pipeline_flow), so its configs
+    and keys never depend on what else the store holds; a reference anywhere else would."""
+    from flows.pipeline import load_preset
+    from flows.references import find_references
+
+    cfg = load_preset("tiny")
+    found = {f"{stage}.{path}": ref for stage, section in cfg.items() for path, ref in find_references(section)}
+    assert found == {"pretrain.dataset": "latest:prep", "rl.model": "latest:pretrain", "distill.teacher": "latest:rl",
+                     "eval.models.0.uri": "latest:pretrain", "eval.models.1.uri": "latest:rl",
+                     "eval.models.2.uri": "latest:distill", "release.model": "latest:rl",
+                     "release.eval_report": "latest:eval"}

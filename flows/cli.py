@@ -94,10 +94,14 @@ def emit(result: dict[str, Any], as_json: bool, human: str) -> None:
 
 # ---- commands ------------------------------------------------------------------------------------
 def cmd_stage(stage: str, args: argparse.Namespace) -> int:
+    from flows.references import resolve_references
     from infra.plan import cached_result
 
     cfg = stage_config(args.config, stage, args.set)
     t0 = time.time()
+    registry.get(stage).validate(cfg, source=args.config, overrides=args.set)  # bad values before the store
+    # `latest:<stage>` references become URIs next: the plan, the cache and the run all see the URI
+    cfg = resolve_references(stage, cfg, log=lambda line: print(redact(f"[{stage}] {line}"), file=sys.stderr))
     plan = registry.get(stage).plan(cfg, source=args.config, overrides=args.set)
     cached = cached_result(plan)
     flows = registry.get(stage).flow_module

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
@@ -49,32 +50,81 @@ DEFAULT_PRESET = "tiny"
 
 
 # ---- the parameters of a deployed stage flow: a preset, a few typed fields, overrides ---------------
+def _preset_files(stage: str) -> dict[str, tuple[Path, bool]]:
+    """name -> (file, whether the whole file is the stage's config): the shipped presets with a section for
+    `stage` (configs/*.yaml) and the stage's own config files (configs/<stage>/*.yaml, e.g. the GPU
+    pretraining presets); a name in both is the former's."""
+    files = {p.stem: (p, False) for p in sorted(PRESETS_DIR.glob("*.yaml")) if stage in (load_yaml(p) or {})}
+    for p in sorted((PRESETS_DIR / stage).glob("*.yaml")):
+        files.setdefault(p.stem, (p, True))
+    return files
+
+
 def presets_with(stage: str) -> tuple[str, ...]:
-    """The shipped presets (configs/*.yaml) that have a section for `stage`, the default first."""
-    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml") if stage in (load_yaml(p) or {}))
-    return tuple(sorted(names, key=lambda n: n != DEFAULT_PRESET))
+    """The shipped presets for `stage` (see `_preset_files`), the default first."""
+    return tuple(sorted(_preset_files(stage), key=lambda n: (n != DEFAULT_PRESET, n)))
 
 
 def preset_choice(stage: str) -> Any:
-    """The type of a stage flow's `preset` parameter: one of the shipped presets with that stage's section
-    (the Prefect form shows a drop-down; anything else is rejected before the run starts)."""
+    """The type of a stage flow's `preset` parameter: one of the shipped presets for that stage (the Prefect
+    form shows a drop-down; anything else is rejected before the run starts)."""
     return Literal[presets_with(stage)]  # type: ignore[valid-type]
+
+
+def _preset_section(stage: str, path: Path, whole: bool) -> dict[str, Any]:
+    data = load_yaml(path) or {}
+    return dict(data if whole else data.get(stage) or {})
+
+
+def preset_default(stage: str, key: str) -> Any:
+    """The default preset's value at the dotted `key` of `stage`'s section: the default of a flow field
+    whose value the form should show (a `latest:` reference), so that the form says what a Quick run uses."""
+    value: Any = _preset_section(stage, PRESETS_DIR / f"{DEFAULT_PRESET}.yaml", False)
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _form_hint(fields: dict[str, Any]) -> Callable[[str], str]:
+    """How a Prefect form user sets the config field at a dotted path: the flow field that sets it (named
+    like the last part of its config path: `suite.dataset` is the field `dataset`), else an override."""
+    def hint(path: str) -> str:
+        for key in fields:
+            if path == key or path.startswith(key + "."):
+                return f"set the field `{key.rsplit('.', 1)[-1]}` to a URI"
+        return f"add the override `{path}=<URI>`"
+    return hint
+
+
+def flow_log(line: str) -> None:
+    """A line for the flow run's log (what the UI shows); outside a run, the module's logger."""
+    try:
+        logger: Any = get_run_logger()
+    except MissingContextError:  # not in a flow run (a test, a plain call)
+        logger = logging.getLogger(__name__)
+    logger.info("%s", line)
 
 
 def preset_config(stage: str, preset: str, fields: dict[str, Any], overrides: list[str] | None) -> BaseModel:
     """The stage's config: the preset's section, then the flow's typed fields that are set (dotted keys,
-    None = the preset's value), then the `key=value` overrides; validated (errors name the field)."""
-    known = presets_with(stage)  # reads every preset file: once
-    if preset not in known:
-        raise ConfigError(f"preset {preset!r}: no shipped preset with a {stage!r} section "
-                          f"(known: {', '.join(known)})")
-    path = PRESETS_DIR / f"{preset}.yaml"
-    data = dict(load_yaml(path).get(stage) or {})
+    None = the preset's value), then the `key=value` overrides, then `latest:` references resolved to URIs
+    (each logged; `flows.references`); validated before and after (errors name the field)."""
+    from flows.references import resolve_references
+
+    files = _preset_files(stage)  # reads every preset file: once
+    if preset not in files:
+        raise ConfigError(f"preset {preset!r}: no shipped preset for {stage!r} "
+                          f"(known: {', '.join(presets_with(stage))})")
+    path, whole = files[preset]
+    data = _preset_section(stage, path, whole)
     for key, value in fields.items():
         if value is not None:
             set_path(data, key, value)
     data = apply_overrides(data, list(overrides or []))
-    return get_stage(stage).validate(data, source=f"{path.name} ({stage}) with the flow's parameters")
+    source = f"{path.relative_to(PRESETS_DIR)}" + ("" if whole else f" ({stage})") + " with the flow's parameters"
+    get_stage(stage).validate(data, source=source)  # bad values first, before the store is read
+    data = resolve_references(stage, data, hint=_form_hint(fields), log=flow_log)
+    return get_stage(stage).validate(data, source=source)
 
 
 def config_flow(stage: str, body: Callable[..., dict[str, Any]]) -> Any:
@@ -196,9 +246,12 @@ def stage_flow(stage: str, config: BaseModel, *, resources: Resources | None = N
     job (`run_stage`), its summary (`summarize` of the stage's flow module) and metrics on the parent run.
     Yields (parent run, result, summary) for the flow's own tags and artifacts; the summary then starts
     with the parent run's id."""
+    from flows.references import resolve_references
     from flows.registry import get as get_stage
 
-    data = config.model_dump(mode="json")
+    # a config given whole (`run(config)`) may still hold `latest:` references: resolved before it is planned
+    data = resolve_references(stage, config.model_dump(mode="json"), hint=lambda path: f"set {path} to a URI",
+                              log=flow_log)
     with parent_run(stage, params=data) as parent:
         result = run_stage(stage, data, parent.run_id, resources=resources)
         summary = get_stage(stage).flow_module.summarize(result)

@@ -8,7 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from components.distill.config import DistillConfig
-from flows.common import config_flow, convenience, preset_choice, preset_config, stage_flow
+from flows.common import config_flow, convenience, preset_choice, preset_config, preset_default, stage_flow
 from flows.registry import STAGES
 from infra.contract import StageResult
 
@@ -34,7 +34,7 @@ _config_flow = config_flow("distill", _run)
 @flow(name="distill", description=STAGES["distill"].help)
 def distill_flow(
     preset: DistillPreset = "tiny",
-    teacher: str | None = None,
+    teacher: str | None = preset_default("distill", "teacher"),
     dataset: str | None = None,
     steps: int | None = None,
     lr: float | None = None,
@@ -44,8 +44,8 @@ def distill_flow(
 
     Args:
         preset: shipped preset (configs/NAME.yaml) whose `distill` section is the starting config.
-        teacher: teacher model: a checkpoint URI, a stage output, a release or models:/NAME@ALIAS
-            (empty: the preset's).
+        teacher: teacher model: a checkpoint URI, a stage output, a release, models:/NAME@ALIAS, or
+            latest:rl for the newest RL policy in this store (empty: the preset's).
         dataset: prepared dataset URI (empty: the preset's; none: the dataset in the teacher's lineage).
         steps: student SFT steps, `sft.max_steps` (empty: the preset's).
         lr: student learning rate, `sft.optim.lr` (empty: the preset's).

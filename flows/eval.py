@@ -14,7 +14,17 @@ from prefect.runtime import flow_run
 from components.eval.config import EvalConfig, ModelRef, SamplingConfig, SuiteConfig
 from components.eval.history import append_history, history_figure, history_uri
 from components.eval.report import markdown_report, table_rows
-from flows.common import config_flow, convenience, parent_run, preset_choice, preset_config, run_stage, stage_flow
+from flows.common import (
+    config_flow,
+    convenience,
+    flow_log,
+    parent_run,
+    preset_choice,
+    preset_config,
+    preset_default,
+    run_stage,
+    stage_flow,
+)
 from flows.registry import STAGES
 from infra.contract import StageResult
 from infra.settings import get_settings
@@ -24,6 +34,8 @@ log = logging.getLogger(__name__)
 
 
 EvalPreset = preset_choice("eval")
+# the default preset's models, named in its report (base, rl, student): the form's `models` lists their URIs
+PRESET_MODELS: list[dict[str, Any]] = preset_default("eval", "models") or []
 
 
 def _run(config: EvalConfig) -> dict[str, Any]:
@@ -39,7 +51,7 @@ _config_flow = config_flow("eval", _run)
 @flow(name="eval", description=STAGES["eval"].help)
 def eval_flow(
     preset: EvalPreset = "tiny",
-    models: list[str] | None = None,
+    models: list[str] | None = [m["uri"] for m in PRESET_MODELS] or None,  # noqa: B006 - never mutated
     dataset: str | None = None,
     seed: int | None = None,
     overrides: list[str] | None = None,
@@ -48,15 +60,17 @@ def eval_flow(
 
     Args:
         preset: shipped preset (configs/NAME.yaml) whose `eval` section is the starting config.
-        models: model URIs to compare, in report order (checkpoints, stage outputs, releases or
-            models:/NAME@ALIAS; empty: the preset's).
+        models: model URIs to compare, in report order (checkpoints, stage outputs, releases,
+            models:/NAME@ALIAS, or latest:STAGE for the newest model of a stage in this store: latest:pretrain,
+            latest:rl, latest:distill; empty: the preset's).
         dataset: prepared dataset of the suite, `suite.dataset` (empty: the preset's; none: the first
             model's lineage).
         seed: seed of the samples, `sampling.seed` (empty: the preset's).
         overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
             `sampling.n_samples=16`.
     """
-    fields = {"models": [{"uri": m} for m in models] if models else None, "suite.dataset": dataset,
+    named = {m["uri"]: m for m in PRESET_MODELS}  # the default preset's references keep its row names
+    fields = {"models": [dict(named.get(m, {"uri": m})) for m in models] if models else None, "suite.dataset": dataset,
               "sampling.seed": seed}
     return _run(preset_config("eval", preset, fields, overrides))  # type: ignore[arg-type]
 
@@ -112,7 +126,7 @@ def eval_champion_flow(
         model_name: registered model name in the MLflow Model Registry (the pipeline registers
             moeflow-teacher and moeflow-student).
         alias: the registry alias to evaluate (champion: the last release whose gate passed).
-        dataset: the suite's prepared dataset (empty: the one in the model's lineage).
+        dataset: the suite's prepared dataset: a URI or latest:prep (empty: the one in the model's lineage).
         task_files: user JSONL task files added to the suite.
         max_per_family: at most this many held-out problems per task family.
         sampling: sampling settings (empty: the eval stage's defaults).
@@ -127,7 +141,10 @@ def eval_champion_flow(
         suite=SuiteConfig(dataset=dataset, task_files=task_files or [], max_per_family=max_per_family),
         sampling=sampling or SamplingConfig(),
     )
-    data = config.model_dump(mode="json")
+    from flows.references import resolve_references
+
+    data = resolve_references("eval", config.model_dump(mode="json"), log=flow_log,  # dataset: latest:prep
+                              hint=lambda path: "set the field `dataset` to a URI")
     with parent_run("eval-champion", params={"model": ref, "version": version, **data}) as parent:
         result = run_stage("eval", data, parent.run_id)
         summary = summarize(result)

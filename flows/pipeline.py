@@ -16,7 +16,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows import registry
-from flows.common import PRESETS_DIR, convenience, parent_run, run_stage
+from flows.common import PRESETS_DIR, convenience, flow_log, parent_run, run_stage
+from flows.references import resolve_references
 from infra.contract import ConfigError, Resources, StageResult
 from infra.settings import get_settings
 
@@ -55,6 +56,9 @@ def _stage(stage: str, config: dict[str, Any], parent_run_id: str, timings: dict
     """Run one stage; its wall time (including a cached look-up) is recorded under `name` (default: stage)."""
     name = name or stage
     t0 = time.time()
+    # the pipeline wires each stage's inputs itself; a `latest:` reference that a custom preset leaves in
+    # another field (e.g. distill.student.init) is resolved as in a stage's own flow
+    config = resolve_references(stage, config, hint=lambda path: f"override {stage}.{path}=<URI>", log=flow_log)
     result = run_stage.with_options(task_run_name=name)(stage, config, parent_run_id,
                                                          resources=_resources(config))
     timings[name] = round(time.time() - t0, 2)

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 
 from components.training.config import PretrainConfig
-from flows.common import config_flow, preset_choice, preset_config, stage_flow
+from flows.common import config_flow, preset_choice, preset_config, preset_default, stage_flow
 from flows.registry import STAGES
 from infra.contract import StageResult
 
@@ -30,7 +30,7 @@ _config_flow = config_flow("pretrain", _run)
 @flow(name="pretrain", description=STAGES["pretrain"].help)
 def pretrain_flow(
     preset: PretrainPreset = "tiny",
-    dataset: str | None = None,
+    dataset: str | None = preset_default("pretrain", "dataset"),
     steps: int | None = None,
     lr: float | None = None,
     seed: int | None = None,
@@ -39,8 +39,10 @@ def pretrain_flow(
     """Pretrain a model from a shipped preset's `pretrain` section.
 
     Args:
-        preset: shipped preset (configs/NAME.yaml) whose `pretrain` section is the starting config.
-        dataset: URI of the prepared dataset (`dataset_uri` of a prep run; empty: the preset's).
+        preset: shipped preset whose `pretrain` section is the starting config (configs/NAME.yaml, or a
+            pretraining config of configs/pretrain/: small, h200, multinode).
+        dataset: the prepared dataset: a URI (`dataset_uri` of a prep run), or latest:prep for the newest
+            prep output in this store (empty: the preset's).
         steps: optimizer steps (empty: the preset's).
         lr: peak learning rate, `optim.lr` (empty: the preset's).
         seed: seed of the initialisation and the data order (empty: the preset's).

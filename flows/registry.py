@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -46,6 +46,8 @@ class Stage:
     command: tuple[str, ...]  # the CLI words that run it: ("prep",) or ("release", "run")
     help: str  # one line: the CLI's help and the deployment's description
     tags: tuple[str, ...] = ("moeflow",)
+    # the output a reference `latest:<stage>` names (what the pipeline passes on to the next stage)
+    output: str = field(kw_only=True)
 
     @property
     def impl(self) -> StageImpl:
@@ -89,18 +91,23 @@ def load_flow(entrypoint: str) -> Any:
 
 PIPELINE: tuple[Stage, ...] = (
     Stage("prep", "components.data", "flows/prep.py:prep_flow", ("prep",),
-          "Prepare a tokenised, packed dataset with held-out evaluation tasks.", ("moeflow", "data")),
+          "Prepare a tokenised, packed dataset with held-out evaluation tasks.", ("moeflow", "data"),
+          output="dataset"),
     Stage("pretrain", "components.training", "flows/pretrain.py:pretrain_flow", ("pretrain",),
-          "MoE pretraining (DDP/FSDP2 via torchrun; resumes from its newest checkpoint).", ("moeflow", "training")),
+          "MoE pretraining (DDP/FSDP2 via torchrun; resumes from its newest checkpoint).", ("moeflow", "training"),
+          output="checkpoint"),
     Stage("rl", "components.rl", "flows/rl.py:rl_flow", ("rl",),
-          "R1-style GRPO with verifiable rewards (R1-Zero or cold-start R1).", ("moeflow", "training")),
+          "R1-style GRPO with verifiable rewards (R1-Zero or cold-start R1).", ("moeflow", "training"),
+          output="checkpoint"),
     Stage("distill", "components.distill", "flows/distill.py:distill_flow", ("distill",),
           "Rejection-sampled traces from a teacher, then student SFT and logit distillation.",
-          ("moeflow", "training")),
+          ("moeflow", "training"), output="student"),
     Stage("eval", "components.eval", "flows/eval.py:eval_flow", ("eval",),
-          "Evaluate several models side by side (quality and efficiency).", ("moeflow", "eval")),
+          "Evaluate several models side by side (quality and efficiency).", ("moeflow", "eval"),
+          output="report"),
     Stage("release", "components.release", "flows/release.py:release_flow", ("release", "run"),
-          "Package, publish, register and (if the gate passes) promote a release.", ("moeflow", "release")),
+          "Package, publish, register and (if the gate passes) promote a release.", ("moeflow", "release"),
+          output="release"),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in PIPELINE}
 

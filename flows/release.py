@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from components.release.config import ReleaseConfig
-from flows.common import config_flow, convenience, preset_choice, preset_config, stage_flow
+from flows.common import config_flow, convenience, preset_choice, preset_config, preset_default, stage_flow
 from flows.registry import STAGES
 from infra import storage
 from infra.contract import StageResult
@@ -37,8 +37,8 @@ _config_flow = config_flow("release", _run)
 @flow(name="release", description=STAGES["release"].help)
 def release_flow(
     preset: ReleasePreset = "tiny",
-    model: str | None = None,
-    eval_report: str | None = None,
+    model: str | None = preset_default("release", "model"),
+    eval_report: str | None = preset_default("release", "eval_report"),
     name: str | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -46,9 +46,10 @@ def release_flow(
 
     Args:
         preset: shipped preset (configs/NAME.yaml) whose `release` section is the starting config.
-        model: model to release: a checkpoint URI, a stage output, a release or models:/NAME@ALIAS
-            (empty: the preset's).
-        eval_report: its evaluation: an eval stage output or report (empty: the preset's).
+        model: model to release: a checkpoint URI, a stage output, a release, models:/NAME@ALIAS, or
+            latest:rl / latest:distill for the newest RL policy / student in this store (empty: the preset's).
+        eval_report: its evaluation: an eval stage output or report, or latest:eval for the newest
+            evaluation in this store that evaluated `model` (empty: the preset's).
         name: registered model name in the MLflow Model Registry (empty: the preset's).
         overrides: `key=value` strings applied last, in order (dotted keys, YAML values), e.g.
             `gate.promote=false`.

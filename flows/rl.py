@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from components.rl.config import RLConfig
 from components.rl.report import table_for_prefect
-from flows.common import config_flow, convenience, preset_choice, preset_config, stage_flow
+from flows.common import config_flow, convenience, preset_choice, preset_config, preset_default, stage_flow
 from flows.registry import STAGES
 from infra import storage
 from infra.contract import StageResult
@@ -39,7 +39,7 @@ _config_flow = config_flow("rl", _run)
 @flow(name="rl", description=STAGES["rl"].help)
 def rl_flow(
     preset: RLPreset = "tiny",
-    model: str | None = None,
+    model: str | None = preset_default("rl", "model"),
     dataset: str | None = None,
     steps: int | None = None,
     lr: float | None = None,
@@ -50,8 +50,8 @@ def rl_flow(
 
     Args:
         preset: shipped preset (configs/NAME.yaml) whose `rl` section is the starting config.
-        model: the model to start from: a checkpoint URI, a stage output, a release or models:/NAME@ALIAS
-            (empty: the preset's).
+        model: the model to start from: a checkpoint URI, a stage output, a release, models:/NAME@ALIAS,
+            or latest:pretrain for the newest pretrained model in this store (empty: the preset's).
         dataset: prepared dataset URI (empty: the preset's; none: the dataset in the model's lineage).
         steps: GRPO steps, `grpo.steps` (empty: the preset's).
         lr: learning rate, `grpo.optim.lr` (empty: the preset's).

@@ -1,4 +1,5 @@
-"""Content addressing: validate a stage's config, hash its inputs, derive where it writes, find a cached run.
+"""Content addressing: validate a stage's config, hash its inputs, derive where it writes, find a cached run,
+list a stage's complete runs in the store (`published_results`, what `latest:<stage>` references read).
 
 The output location of a stage run is derived from the hash of its config and its inputs' hashes, so
 running the same thing twice finds the first result (`RESULT.json`, written last) and returns at once.
@@ -13,6 +14,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,38 @@ def cached_result(plan: StagePlan) -> StageResult | None:
         if not storage.is_published(uri):
             return None
     return result.model_copy(update={"cached": True, "seconds": 0.0})
+
+
+@dataclass(frozen=True)
+class PublishedOutput:
+    """One complete run of a stage found in the store (see `published_results`)."""
+
+    uri: str  # <store>/<stage>/<key[:16]>
+    result: StageResult
+    published: datetime  # the newest `created` among its outputs' manifests
+
+
+def published_results(stage: str, settings: Settings | None = None) -> list[PublishedOutput]:
+    """The complete, published runs of `stage` in the store, newest first.
+
+    A run counts once its `RESULT.json` (written last by the job) is there and every output it names is
+    still published (the test `cached_result` applies): a running, failed or half-deleted run does not.
+    Newest means published last: the latest `created` time among its outputs' manifests (ties: the folder
+    name, so the order is stable)."""
+    settings = settings or get_settings()
+    root = storage.join_uri(settings.store_uri, stage)
+    found = []
+    for name in storage.list_dirs(root):
+        uri = storage.join_uri(root, name)
+        try:
+            result = StageResult.model_validate(storage.read_json(storage.join_uri(uri, RESULT_NAME)))
+            manifests = [storage.read_manifest(out) for out in result.outputs.values()]
+        except (FileNotFoundError, ValueError, storage.StorageError):
+            continue  # not finished, not a stage output, or a broken manifest
+        if manifests and all(m is not None for m in manifests):
+            published = max(datetime.fromisoformat(m.created) for m in manifests if m is not None)
+            found.append(PublishedOutput(uri, result, published))
+    return sorted(found, key=lambda p: (p.published, p.uri), reverse=True)
 
 
 def job_payload(plan: StagePlan, *, parent_run_id: str | None, flow_run_id: str | None) -> dict[str, Any]:

@@ -35,7 +35,9 @@ def input_uris(cfg: DistillConfig) -> dict[str, str]:
 
     if not cfg.teacher:
         raise ConfigError("distill.teacher: no teacher given; set it to a model URI (the `checkpoint`/`model` "
-                          "output of pretrain or rl, a release, or models:/NAME@ALIAS)")
+                          "output of pretrain or rl, a release, models:/NAME@ALIAS, or latest:rl for the newest "
+                          "RL policy in the store): the field `teacher` of the distill form, or --set teacher=... "
+                          "on the command line")
     uris = {"teacher": resolve_model_ref(cfg.teacher)}
     dataset = cfg.dataset or lineage_dataset(uris["teacher"])
     if dataset:

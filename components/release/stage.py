@@ -51,8 +51,10 @@ def input_uris(cfg: ReleaseConfig) -> dict[str, str]:
     from components.refs.models import resolve_model_ref
 
     if not cfg.model:
-        raise ConfigError("release.model: no model given; set it to the model to release, e.g. --set "
-                          "model=<store>/distill/<key>/model (a model URI, a stage output, or models:/NAME@ALIAS)")
+        raise ConfigError("release.model: no model given; set it to the model to release (a model URI such as "
+                          "<store>/distill/<key>/student, a stage output, models:/NAME@ALIAS, or latest:rl for "
+                          "the newest RL policy in the store): the field `model` of the release form, or "
+                          "--set model=... on the command line")
     uris = {"model": resolve_model_ref(cfg.model)}
     if cfg.eval_report:
         uris["eval_report"] = _report_input(cfg.eval_report)

@@ -18,7 +18,8 @@ def input_uris(cfg: RLConfig) -> dict[str, str]:
     if not cfg.model:
         raise ConfigError(
             "rl.model: no model given; set it to the checkpoint URI that `moeflow pretrain` printed "
-            "(e.g. --set model=.moeflow/store/pretrain/<key>/model)"
+            "(<store>/pretrain/<key>/model) or to latest:pretrain, the newest pretrained model in the store: "
+            "the field `model` of the rl form, or --set model=latest:pretrain on the command line"
         )
     dataset = cfg.dataset
     if not dataset:

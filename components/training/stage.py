@@ -20,7 +20,8 @@ def input_uris(cfg: PretrainConfig) -> dict[str, str]:
     if not cfg.dataset:
         raise ConfigError(
             "pretrain.dataset: no dataset given; set it to the dataset URI that `moeflow prep` printed "
-            "(e.g. --set dataset=.moeflow/store/prep/<key>/dataset)"
+            "(<store>/prep/<key>/dataset) or to latest:prep, the newest prep output in the store: the field "
+            "`dataset` of the pretrain form, or --set dataset=latest:prep on the command line"
         )
     return {"dataset": cfg.dataset}
 

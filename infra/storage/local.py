@@ -126,6 +126,15 @@ def list_relpaths(uri: str, recursive: bool) -> list[str]:
     return sorted(out)
 
 
+def list_dirnames(uri: str) -> list[str]:
+    """Names of the directories directly inside the directory `uri` (links never followed)."""
+    root = local_path(uri)
+    if not root.is_dir():
+        return []
+    with _errors(uri):
+        return [p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+
+
 @contextmanager
 def open_read(uri: str) -> Iterator[BinaryIO]:
     with _errors(uri):

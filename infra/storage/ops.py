@@ -102,6 +102,12 @@ def list_uris(prefix_uri: str, recursive: bool = True) -> list[str]:
     return sorted(join_uri(prefix_uri, rel) for rel in rels)
 
 
+def list_dirs(prefix_uri: str) -> list[str]:
+    """Sorted names of the directories (S3: the prefixes) directly under `prefix_uri` ([] when there are none):
+    one listing call per 1,000 names on S3, however many files lie below them."""
+    return sorted(_backend(prefix_uri).list_dirnames(prefix_uri))
+
+
 @contextmanager
 def open_read(uri: str) -> Iterator[BinaryIO]:
     """A binary stream over `uri` (S3: the streaming body — read it in chunks, nothing is prefetched)."""

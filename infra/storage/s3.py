@@ -220,6 +220,18 @@ def list_relpaths(uri: str, recursive: bool) -> list[str]:
     return sorted(k[skip:] for k in _keys(uri, recursive))
 
 
+def list_dirnames(uri: str) -> list[str]:
+    """Names of the prefixes directly under `uri` (`<uri>/<name>/...`), from the listing's CommonPrefixes."""
+    bucket, key = split_uri(uri)
+    prefix = f"{key}/" if key else ""
+    names: list[str] = []
+    with _errors(uri, "list"):
+        for page in get_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                            Delimiter="/"):
+            names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    return [n for n in names if n]
+
+
 @contextmanager
 def open_read(uri: str) -> Iterator[BinaryIO]:
     """The object's streaming body: bytes arrive as they are read, nothing is downloaded up front."""

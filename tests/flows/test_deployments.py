@@ -87,6 +87,8 @@ def test_quick_run_defaults_conform_to_each_stored_schema_and_nonsense_is_reject
         for name, d in deployments.items():
             schema = d.parameter_openapi_schema
             validate(dict(d.parameters), schema, raise_on_error=True)
+            defaults = {p: v["default"] for p, v in schema["properties"].items() if "default" in v}
+            validate(defaults, schema, raise_on_error=True)  # what the form shows, as it shows it
             undescribed = [p for p, v in schema["properties"].items() if not v.get("description")]
             assert not undescribed, f"{name}: parameters without a description: {undescribed}"
             run = client.create_flow_run_from_deployment(d.id)  # Quick run: no parameters
@@ -100,6 +102,15 @@ def test_quick_run_defaults_conform_to_each_stored_schema_and_nonsense_is_reject
                 client.create_flow_run_from_deployment(stage.id, parameters=bad)
         champion = deployments["eval-champion"].parameter_openapi_schema["properties"]["model_name"]
         assert champion["default"] == "moeflow-teacher"  # what the pipeline registers
+        # a Quick run's upstream inputs: the newest outputs in the store, named in the form
+        props = {name: d.parameter_openapi_schema["properties"] for name, d in deployments.items()}
+        quick = {name: {p: v.get("default") for p, v in props[name].items()}
+                 for name in ("pretrain", "rl", "distill", "eval", "release")}
+        assert (quick["pretrain"]["dataset"], quick["rl"]["model"], quick["distill"]["teacher"]) == (
+            "latest:prep", "latest:pretrain", "latest:rl")
+        assert quick["eval"]["models"] == ["latest:pretrain", "latest:rl", "latest:distill"]
+        assert (quick["release"]["model"], quick["release"]["eval_report"]) == ("latest:rl", "latest:eval")
+        assert props["pretrain"]["preset"]["enum"] == ["tiny", "h200", "multinode", "small"]  # + configs/pretrain/
 
 
 def test_prefect_yaml_declares_one_deployment_per_flow_and_the_pipeline():

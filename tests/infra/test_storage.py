@@ -103,6 +103,9 @@ def test_list_and_exists(store_base):
     assert st.list_uris(j("nothing-here")) == []
     assert st.exists(j("a/1.txt")) and st.exists(j("a"))
     assert not st.exists(j("a/3.txt")) and not st.exists(j("nothing-here"))
+    assert st.list_dirs(store_base) == ["a", "run10"]  # directories only, not b.txt nor a/sub
+    assert st.list_dirs(j("a")) == ["sub"]
+    assert st.list_dirs(j("nothing-here")) == [] and st.list_dirs(j("b.txt")) == []
 
 
 def test_delete_prefix_spares_siblings_with_the_same_name_prefix(store_base):

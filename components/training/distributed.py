@@ -44,6 +44,7 @@ from torch import nn
 from components.model.moe import ExpertParallel, Experts
 
 log = logging.getLogger(__name__)
+_OWN_GROUP = False  # whether `init` created the process group (and `destroy` may tear it down)
 
 
 @dataclass
@@ -91,14 +92,19 @@ def init(device_kind: str, backend: str, rank: int, world_size: int, local_rank:
             raise RuntimeError(f"WORLD_SIZE={world_size} but no MASTER_ADDR: start several processes with torchrun")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        global _OWN_GROUP
+        _OWN_GROUP = True
     log.info("process group: rank %d/%d (local %d), backend %s, device %s", rank, world_size, local_rank,
              backend, device)
     return DistEnv(rank, world_size, local_rank, device, backend)
 
 
 def destroy() -> None:
-    if dist.is_initialized():
+    """Leave the process group `init` joined (one the caller had joined before stays)."""
+    global _OWN_GROUP
+    if dist.is_initialized() and _OWN_GROUP:
         dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 class LossModule(nn.Module):

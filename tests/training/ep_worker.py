@@ -1,21 +1,25 @@
-"""Run under torchrun by tests/training/test_expert_parallel.py: one expert-parallel forward/backward per
-case, checked on every rank against the single-process model on the whole global batch.
+"""Run under torchrun by tests/training/test_expert_parallel.py (one launch per process count: starting
+processes is what costs): expert-parallel forward/backward cases checked against the single-process
+model, then pretraining runs with the stage's real `Trainer`.
 
 Every rank builds the reference model (same seed) and runs it on the whole global batch in-process (no
 collectives); then it builds the same model again, shards the experts (`apply_expert_parallel`), wraps
 it (DDP or FSDP2) and runs its own slice of the batch. Compared, max |difference| per quantity: the
 logits of its slice, the loss parts (averaged over ranks), every gradient (expert ones against this
 rank's rows of the reference), the global gradient norm, the all-reduced expert counts and the balancing
-bias after the update, and the gathered full state dict. Writes {case: {quantity: max abs diff}} as JSON
-from rank 0.
+bias after the update, and the gathered full state dict.
 
-usage: torchrun --nproc-per-node N tests/training/ep_worker.py OUT.json ep:strategy [ep:strategy ...]
+usage: torchrun --nproc-per-node N tests/training/ep_worker.py SPEC.json OUT.json
+SPEC: {"cases": ["ep:strategy", ...], "runs": [{"config": pretrain config, "output": dir, "workdir": dir}]}
+OUT (rank 0): {"cases": {case: {quantity: max abs diff over ranks}}, "runs": [{"loss": per-step losses, ...}]}
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -114,20 +118,38 @@ def run_case(ep: int, strategy: str, cfg: ModelConfig, env: D.DistEnv) -> dict[s
     return {k: float(D.all_reduce(torch.tensor(v, dtype=torch.float64), "max")) for k, v in diffs.items()}
 
 
+def train(run: dict, rank: int, world_size: int) -> dict:
+    """One pretraining run with the stage's Trainer (it joins and leaves the process group itself)."""
+    from components.training.config import PretrainConfig
+    from components.training.trainer import Trainer
+    from infra.contract import NullTracker, StageContext
+
+    cfg = PretrainConfig.model_validate(run["config"])
+    ctx = StageContext(stage="pretrain", output_uri=run["output"], workdir=Path(run["workdir"]) / str(rank),
+                       tracker=NullTracker(), lineage={"key": "test"}, rank=rank, world_size=world_size,
+                       local_rank=rank)
+    trainer = Trainer(cfg, ctx)
+    result = trainer.train()
+    return {"loss": trainer.history["loss"], "a2a_bytes_per_step": result["metrics"]["a2a_bytes_per_step"],
+            "resumed_from": trainer.resumed_from}
+
+
 def main() -> None:
-    out_path, cases = sys.argv[1], sys.argv[2:]
+    spec, out_path = json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    dist.init_process_group("gloo")
-    env = D.DistEnv(dist.get_rank(), dist.get_world_size(), dist.get_rank(), torch.device("cpu"), "gloo")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    results: dict = {"cases": {}, "runs": []}
+    dist.init_process_group("gloo")  # one group for everything: the trainers join it, not a new one
+    env = D.DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo")
     cfg = ModelConfig.model_validate(resolve_model(dict(MODEL)))
-    results = {}
-    for case in cases:
+    for case in spec.get("cases", []):
         ep, strategy = case.split(":")
-        results[case] = run_case(int(ep), strategy, cfg, env)
-    if env.is_main:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
+        results["cases"][case] = run_case(int(ep), strategy, cfg, env)
+    for run in spec.get("runs", []):
+        results["runs"].append(train(run, rank, world_size))
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
 
 

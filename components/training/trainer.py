@@ -171,6 +171,10 @@ class Trainer:
             self.ep = D.apply_expert_parallel(self.model, env, cfg.parallel.ep)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if cfg.parallel.ep > cfg.resources.procs_per_node and env.is_main:
+            # EP groups are consecutive ranks and torchrun numbers ranks node by node
+            log.warning("parallel.ep (%d) exceeds resources.procs_per_node (%d): the experts' all-to-alls "
+                        "cross nodes", cfg.parallel.ep, cfg.resources.procs_per_node)
         self.module = D.parallelize(self.model, env, cfg.parallel.strategy, ep=self.ep,
                                     reshard_after_forward=cfg.parallel.reshard_after_forward)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]

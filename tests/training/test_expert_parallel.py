@@ -57,8 +57,9 @@ def test_expert_parallel_equals_one_process(micro_dataset, store, tmp_path):
     common = {"steps": 20, "batch_size": 8, "micro_batch_size": 2, "checkpoint": {"every": 10, "keep": 2},
               "eval": {"every": 0, "max_rows": 8}}
 
-    def run(ep: int, name: str) -> dict:
-        config = micro_config(micro_dataset, **common, parallel={"ep": ep}, resources={"procs_per_node": ep})
+    def run(ep: int, name: str, procs: int | None = None, strategy: str = "ddp") -> dict:
+        config = micro_config(micro_dataset, **common, parallel={"ep": ep, "strategy": strategy},
+                              resources={"procs_per_node": procs or ep})
         (tmp_path / name).mkdir()
         return {"config": config, "output": str(tmp_path / name / "out"), "workdir": str(tmp_path / name)}
 
@@ -75,16 +76,19 @@ def test_expert_parallel_equals_one_process(micro_dataset, store, tmp_path):
     assert two["runs"][0]["a2a_bytes_per_step"] > 0
 
     # 4 processes: 4 x 1 and 2 x 2 (each expert shard on two data-parallel replicas); 20 steps at EP 4; the
-    # EP 2 run's step-10 checkpoint resumed at EP 4 (2 experts per rank instead of 4)
+    # EP 2 run's step-10 checkpoint resumed at EP 4 (2 experts per rank instead of 4) and at EP 2 x dp 2
+    # under FSDP2 (expert shards loaded into DTensors over their replicas)
     step10 = Path(dict(ckpt.list_checkpoints(str(tmp_path / "ep2" / "out")))[10])
-    resumed = run(4, "ep4-resumed")
-    shutil.copytree(step10, Path(resumed["output"]) / ckpt.CHECKPOINTS_DIR / step10.name)
+    resumed = [run(4, "ep4-resumed"), run(2, "ep2x2-fsdp-resumed", procs=4, strategy="fsdp")]
+    for r in resumed:
+        shutil.copytree(step10, Path(r["output"]) / ckpt.CHECKPOINTS_DIR / step10.name)
     (tmp_path / "four").mkdir()
-    four = launch(4, {"cases": ["4:ddp", "2:ddp", "2:fsdp"], "runs": [run(4, "ep4"), resumed]}, tmp_path / "four")
+    four = launch(4, {"cases": ["4:ddp", "2:ddp", "2:fsdp"], "runs": [run(4, "ep4"), *resumed]}, tmp_path / "four")
     check_cases(4, four["cases"], ["4:ddp", "2:ddp", "2:fsdp"])
     assert four["runs"][0]["loss"] == pytest.approx(want, rel=TOL, abs=TOL)
-    assert four["runs"][1]["resumed_from"] == 10
-    assert four["runs"][1]["loss"] == pytest.approx(want, rel=TOL, abs=TOL)
+    for r in four["runs"][1:]:
+        assert r["resumed_from"] == 10
+        assert r["loss"] == pytest.approx(want, rel=TOL, abs=TOL)
 
     # ... and at EP 1 (one process, all experts), in this process
     shutil.copytree(step10, tmp_path / "ep1-resumed" / ckpt.CHECKPOINTS_DIR / step10.name)

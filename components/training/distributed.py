@@ -86,7 +86,7 @@ def init(device_kind: str, backend: str, rank: int, world_size: int, local_rank:
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
-        raise ValueError("distributed.backend nccl needs GPUs; use gloo (or auto) on CPU")
+        raise ValueError("parallel.backend nccl needs GPUs; use gloo (or auto) on CPU")
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError(f"WORLD_SIZE={world_size} but no MASTER_ADDR: start several processes with torchrun")

@@ -167,8 +167,11 @@ def format_ledger(ledger: dict[str, Any]) -> str:
                 f"({ledger['peak_source']})"),
     ]
     if ledger.get("ep", 1) > 1:
-        rows.append(("expert parallelism", f"ep {ledger['ep']}: {big(ledger['all_to_all_bytes_per_step'])}B "
-                     "all-to-all per step (all ranks, forward + backward)"))
+        nbytes = ledger["all_to_all_bytes_per_step"]
+        unit, div = next(((u, d) for u, d in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if nbytes >= d),
+                         ("B", 1.0))
+        rows.append(("expert parallelism", f"ep {ledger['ep']}: {nbytes / div:.3g} {unit} all-to-all per step "
+                     "(all ranks, forward + backward)"))
     lines = ["| quantity | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"
 

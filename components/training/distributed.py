@@ -161,8 +161,9 @@ def apply_expert_parallel(model: nn.Module, env: DistEnv, ep: int) -> EPMesh | N
                   dp_group=mesh["dp"].get_group(), dp_mesh=mesh["dp"], world_mesh=world_mesh)
     for _, experts in expert_modules(model):
         experts.shard(ExpertParallel(group=info.ep_group, rank=info.ep_rank, size=ep))
-    log.info("expert parallel: ep %d x dp %d; rank %d holds experts %d.. of each MoE layer (%d each)",
-             ep, dp, env.rank, info.ep_rank * model.cfg.n_routed_experts // ep, model.cfg.n_routed_experts // ep)
+    n = model.cfg.n_routed_experts // ep
+    log.info("expert parallel: ep %d x dp %d; rank %d holds experts %d-%d of each MoE layer", ep, dp, env.rank,
+             info.ep_rank * n, (info.ep_rank + 1) * n - 1)
     return info
 
 

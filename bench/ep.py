@@ -3,14 +3,15 @@
     python -m bench.ep [--ep 1,2,4] [--reps N] [--threads 2] [--device cpu|cuda] [--precision bf16|fp32]
                        [--check TOL] [--out bench/results/ep_cpu.md]
 
-Each EP size is a torchrun launch of `ep` processes (gloo on CPU, NCCL on GPUs, one GPU per process): ep x
-dp = ep x 1, so the routed experts are split ep ways and every rank trains its share of the same global
-batch (8 x 256 tokens) with DDP over the non-expert parameters. A step is forward + backward + expert
-gradient sync + clip + AdamW, timed between barriers (the slowest rank); the median of `reps` steps after
-one warm-up counts. On CPU the processes share `--threads` cores in total (EP 1: one process with all of
-them; EP n: n processes with threads/n each, at least 1), so the table shows what the all-to-all exchange
-and the smaller per-rank GEMMs cost at equal compute, not a speed-up from more hardware. The first step's
-loss is printed too: it must be the same at every EP size (the model is the single-process model).
+Each EP size is a torchrun launch of `ep` processes (gloo on CPU, NCCL on GPUs, one GPU per process): ep x dp
+= ep x 1, so the routed experts are split ep ways and every rank trains its share of the same global batch (8
+x 256 tokens) with DDP over the non-expert parameters. A step is forward + backward + expert gradient sync +
+clip + AdamW, timed between barriers (the slowest rank); the best of `reps` steps after one warm-up counts (as
+in bench/model.py: the least disturbed by other load). On CPU the processes share `--threads` cores in total
+(EP 1: one process with all of them; EP n: n processes with threads/n each, at least 1), so the table shows
+what the all-to-all exchange and the smaller per-rank GEMMs cost at equal compute, not a speed-up from more
+hardware. The first step's loss is printed too: it must be the same at every EP size (the model is the single-
+process model).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,7 +93,7 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps({
             "ep": world, "threads": torch.get_num_threads() if env.device.type == "cpu" else None,
-            "step_s": statistics.median(times), "tokens_per_s": BATCH * SEQ / statistics.median(times),
+            "step_s": min(times), "tokens_per_s": BATCH * SEQ / min(times),
             "a2a_bytes_per_step": a2a_all, "first_loss": first_loss,
         }))
     if dist.is_initialized():
@@ -152,7 +152,7 @@ def main() -> None:
         f"{m['n_routed_experts']} routed experts top-{m['num_experts_per_tok']} (+{m['n_shared_experts']} shared), "
         f"global batch {BATCH} x {SEQ} tokens, fp32 on CPU ({args.precision} on GPU). EP n = n processes "
         f"(ep x dp = n x 1), each with E/n experts and {BATCH}/n sequences; on CPU they share "
-        f"{args.threads} threads. Baseline: EP 1 in the same run. Median of {args.reps} steps after a warm-up.",
+        f"{args.threads} threads. Baseline: EP 1 in the same run. Best of {args.reps} steps after a warm-up.",
         "",
         "| EP | processes | threads/process | step (ms) | tokens/s | vs EP 1 | all-to-all MB/step | first loss |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

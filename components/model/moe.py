@@ -15,11 +15,22 @@ Balancing without an auxiliary loss: in training mode each MoE layer adds its pe
 ``expert_counts``; after the optimizer step the trainer calls ``update_bias`` (through the model), which
 moves b_i down by gamma when expert i got more than the mean load and up by gamma when it got less.
 An optional sequence-wise auxiliary loss ``alpha * sum_i f_i P_i`` is returned when alpha > 0.
+
+Expert parallelism (``Experts.shard``, applied from outside by the trainer): each of ``ep`` ranks keeps
+E/ep consecutive experts. Every rank routes its own tokens with the full (replicated) router, exactly as
+one process would; the (token, expert) assignments are sorted by expert, their counts exchanged, and the
+rows sent to the experts' owners with one ``all_to_all_single`` (variable splits); the owners run their
+experts on what they received (``kernels.moe_ffn`` with K = 1, weight 1) and a second all-to-all returns
+the outputs, which the sending rank weights and sums over its K slots. Both all-to-alls are
+differentiable (``torch.distributed._functional_collectives.all_to_all_single_autograd``, traceable
+by ``torch.compile``: its backward is the reverse exchange). Expert counts and the balancing bias stay
+global (E entries on every rank).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -78,36 +89,113 @@ class Router(nn.Module):
         return topk_idx_TK, topk_weight_TK * self.scale, scores_TE
 
 
+@dataclass
+class ExpertParallel:
+    """This rank's place among the ranks that share the experts: ``group`` (the EP process group),
+    ``rank`` in it, ``size`` = ep; this rank holds experts [rank * E/ep, (rank + 1) * E/ep)."""
+
+    group: object  # torch.distributed.ProcessGroup
+    rank: int
+    size: int
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked: ``w_gate``/``w_up`` (E, I, D), ``w_down`` (E, D, I).
 
     ``forward`` dispatches through ``kernels.moe_ffn`` (permute by expert + grouped GEMM + weighted
-    combine); ``forward_loop`` is the readable per-expert loop it must equal.
+    combine); ``forward_loop`` is the readable per-expert loop it must equal. After ``shard`` the
+    parameters hold this rank's E/ep experts only and both go through the all-to-all exchange.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.n_experts = E
         self.w_gate = nn.Parameter(torch.empty(E, I, D))
         self.w_up = nn.Parameter(torch.empty(E, I, D))
         self.w_down = nn.Parameter(torch.empty(E, D, I))
+        self.ep: ExpertParallel | None = None
+        self.a2a_bytes = 0  # bytes this rank sent to other ranks in all-to-alls (forward + backward)
+
+    @torch.no_grad()
+    def shard(self, ep: ExpertParallel) -> None:
+        """Keep only this rank's E/ep experts (a slice of the full, identically initialised stacks)."""
+        if self.n_experts % ep.size:
+            raise ValueError(f"n_routed_experts ({self.n_experts}) must be a multiple of the EP size ({ep.size})")
+        if self.ep is not None:
+            raise RuntimeError("experts are already sharded")
+        n = self.n_experts // ep.size
+        for name in ("w_gate", "w_up", "w_down"):
+            full = getattr(self, name)
+            setattr(self, name, nn.Parameter(full[ep.rank * n:(ep.rank + 1) * n].clone()))
+        self.ep = ep
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        if self.ep is not None:
+            return self._forward_ep(x_TD, topk_idx_TK, topk_weight_TK, kernels.moe_ffn)
         return kernels.moe_ffn(x_TD, topk_idx_TK, topk_weight_TK, self.w_gate, self.w_up, self.w_down)
+
+    def _forward_ep(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                    local: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """Dispatch each (token, expert) row to the expert's owner, run the local experts, combine back."""
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+
+        ep = self.ep
+        T, K = topk_idx_TK.shape
+        D = x_TD.shape[1]
+        n_local = self.w_gate.shape[0]
+        if torch.is_autocast_enabled(x_TD.device.type):  # send what the experts compute in (half the bytes)
+            x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        with torch.no_grad():
+            flat = topk_idx_TK.reshape(-1)
+            order = torch.argsort(flat, stable=True)  # assignments grouped by expert, hence by owner
+            counts_E = torch.bincount(flat, minlength=self.n_experts)
+            recv_counts = torch.empty_like(counts_E)  # (source rank, local expert) counts of what arrives
+            dist.all_to_all_single(recv_counts, counts_E, group=ep.group)
+            send_splits = counts_E.view(ep.size, n_local).sum(1).tolist()
+            recv_RL = recv_counts.view(ep.size, n_local)
+            recv_splits = recv_RL.sum(1).tolist()
+            local_idx = torch.repeat_interleave(
+                torch.arange(n_local, device=flat.device).repeat(ep.size), recv_RL.reshape(-1)
+            )
+        x_send = x_TD[order // K]
+        x_recv = funcol.wait_tensor(funcol.all_to_all_single_autograd(x_send, recv_splits, send_splits, ep.group))
+        if x_recv.shape[0]:
+            ones = torch.ones(x_recv.shape[0], 1, dtype=torch.float32, device=x_recv.device)
+            y_recv = local(x_recv, local_idx[:, None], ones, self.w_gate, self.w_up, self.w_down)
+        else:  # no rows for this rank's experts: still take part in both exchanges (and their backward),
+            # and give the weights a zero gradient (data-parallel replicas reduce them together)
+            touch = sum(w.sum() for w in (self.w_gate, self.w_up, self.w_down)).to(x_recv.dtype)
+            y_recv = x_recv * 0 + touch * 0
+        y_send = funcol.wait_tensor(funcol.all_to_all_single_autograd(y_recv, send_splits, recv_splits, ep.group))
+        y_TKD = y_send[torch.argsort(order)].view(T, K, D)  # back to (token, slot) order
+        out_TD = (y_TKD.float() * topk_weight_TK[..., None].float()).sum(1)
+        off_rank = (sum(send_splits) - send_splits[ep.rank]) * D * x_send.element_size() + (
+            sum(recv_splits) - recv_splits[ep.rank]) * D * y_recv.element_size()
+        self.a2a_bytes += off_rank * (2 if torch.is_grad_enabled() and x_send.requires_grad else 1)
+        return out_TD.to(x_TD.dtype)
 
     def forward_loop(
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor
     ) -> torch.Tensor:
-        out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-        for e in range(self.w_gate.shape[0]):
-            tok, slot = torch.where(topk_idx_TK == e)  # tokens routed to expert e, and in which slot
-            if tok.numel() == 0:
-                continue
-            x_nD = x_TD[tok]
-            h_nI = F.silu(F.linear(x_nD, self.w_gate[e])) * F.linear(x_nD, self.w_up[e])
-            y_nD = F.linear(h_nI, self.w_down[e])
-            out_TD = out_TD.index_add(0, tok, y_nD.float() * topk_weight_TK[tok, slot, None].float())
-        return out_TD.to(x_TD.dtype)
+        if self.ep is not None:
+            return self._forward_ep(x_TD, topk_idx_TK, topk_weight_TK, _expert_loop)
+        return _expert_loop(x_TD, topk_idx_TK, topk_weight_TK, self.w_gate, self.w_up, self.w_down)
+
+
+def _expert_loop(x_TD, topk_idx_TK, topk_weight_TK, w_gate, w_up, w_down) -> torch.Tensor:
+    """The readable per-expert loop ``kernels.moe_ffn`` must equal (same arguments)."""
+    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    for e in range(w_gate.shape[0]):
+        tok, slot = torch.where(topk_idx_TK == e)  # tokens routed to expert e, and in which slot
+        if tok.numel() == 0:
+            continue
+        x_nD = x_TD[tok]
+        h_nI = F.silu(F.linear(x_nD, w_gate[e])) * F.linear(x_nD, w_up[e])
+        y_nD = F.linear(h_nI, w_down[e])
+        out_TD = out_TD.index_add(0, tok, y_nD.float() * topk_weight_TK[tok, slot, None].float())
+    return out_TD.to(x_TD.dtype)
 
 
 class MoE(nn.Module):

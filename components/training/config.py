@@ -49,14 +49,22 @@ class BalanceConfig(Strict):
     )
 
 
-class DistributedConfig(Strict):
-    """Data parallelism across the job's processes (torchrun starts them from `resources`)."""
+class ParallelConfig(Strict):
+    """Parallelism across the job's processes (torchrun starts them from `resources`): data parallelism
+    over all of them (DDP or FSDP2), and optionally expert parallelism within groups of `ep` processes."""
 
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: replicated model, all-reduced gradients; fsdp: FSDP2 fully_shard per block"
     )
+    ep: int = Field(
+        1, ge=1, description="expert parallelism: the routed experts of each MoE layer are split over groups "
+        "of this many processes (E/ep each), tokens exchanged by all-to-all; it must divide the number of "
+        "processes and model.n_routed_experts. The other parameters stay data parallel over all processes; "
+        "each expert shard is data parallel over its (processes / ep) replicas"
+    )
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
     reshard_after_forward: bool = Field(True, description="fsdp: free gathered parameters after forward")
+
 
 
 class MetricsConfig(Strict):
@@ -100,7 +108,10 @@ class PretrainConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     guards: GuardConfig = Field(default_factory=GuardConfig, description="non-finite loss/gradient handling")
     balance: BalanceConfig = Field(default_factory=BalanceConfig, description="expert load balancing")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="DDP / FSDP2")
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig, description="DDP / FSDP2 and expert parallelism (`distributed` is "
+        "accepted as the section's former name)"
+    )
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="MLflow metrics and ledger")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -112,6 +123,16 @@ class PretrainConfig(Strict):
     )
     threads: int = Field(0, ge=0, description="CPU threads per process (0 = the cores / processes per node)")
     resources: Resources = Field(default_factory=Resources, description="processes, nodes, GPUs of the job")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "distributed" in data:
+            if "parallel" in data:
+                raise ValueError("give either parallel or distributed (its former name), not both")
+            data = {**data, "parallel": data["distributed"]}
+            del data["distributed"]
+        return data
 
     @field_validator("model", mode="before")
     @classmethod
@@ -141,8 +162,18 @@ class PretrainConfig(Strict):
                 f"resources.procs_per_node ({r.procs_per_node}) exceeds resources.gpus ({r.gpus}): "
                 "run one process per GPU"
             )
-        if self.device == "cuda" and self.distributed.backend == "gloo" and self.distributed.strategy == "fsdp":
-            raise ValueError("distributed.backend gloo with FSDP on GPU is not supported; use nccl (or auto)")
+        p = self.parallel
+        if self.device == "cuda" and p.backend == "gloo" and p.strategy == "fsdp":
+            raise ValueError("parallel.backend gloo with FSDP on GPU is not supported; use nccl (or auto)")
+        if self.model.n_routed_experts % p.ep:
+            raise ValueError(
+                f"parallel.ep ({p.ep}) must divide model.n_routed_experts ({self.model.n_routed_experts})"
+            )
+        if p.ep > 1 and self.world_size % p.ep:
+            raise ValueError(
+                f"parallel.ep ({p.ep}) must divide the number of processes (resources.procs_per_node x "
+                f"resources.nodes = {self.world_size})"
+            )
         return self
 
     @property

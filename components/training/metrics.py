@@ -110,9 +110,12 @@ def moe_layer_labels(model) -> list[str]:
 
 def efficiency_ledger(*, tokens: int, flops_per_token: float, device_seconds: float, world_size: int,
                       price_per_device_hour: float, params: dict[str, int], tokens_per_s: float, mfu: float,
-                      peak_flops: float, peak_source: str, device_name: str) -> dict[str, Any]:
+                      peak_flops: float, peak_source: str, device_name: str, ep: int = 1,
+                      all_to_all_bytes_per_step: float = 0.0) -> dict[str, Any]:
     """The headline numbers of DeepSeek-V3's report for this run: tokens, FLOPs, device-hours, cost,
-    active vs total parameters."""
+    active vs total parameters; with expert parallelism, the bytes the ranks sent one another in the
+    experts' all-to-alls per optimizer step (dispatch + combine, forward + backward, summed over ranks;
+    rows a rank keeps for its own experts are not counted)."""
     device_hours = device_seconds * world_size / 3600.0
     return {
         "tokens": int(tokens),
@@ -132,6 +135,8 @@ def efficiency_ledger(*, tokens: int, flops_per_token: float, device_seconds: fl
         "mfu": mfu,
         "peak_flops_per_device": peak_flops,
         "peak_source": peak_source,
+        "ep": ep,
+        "all_to_all_bytes_per_step": all_to_all_bytes_per_step,
     }
 
 
@@ -161,6 +166,12 @@ def format_ledger(ledger: dict[str, Any]) -> str:
         ("MFU", f"{ledger['mfu']:.2%} of {ledger['peak_flops_per_device'] / 1e12:.4g} TFLOP/s "
                 f"({ledger['peak_source']})"),
     ]
+    if ledger.get("ep", 1) > 1:
+        nbytes = ledger["all_to_all_bytes_per_step"]
+        unit, div = next(((u, d) for u, d in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if nbytes >= d),
+                         ("B", 1.0))
+        rows.append(("expert parallelism", f"ep {ledger['ep']}: {nbytes / div:.3g} {unit} all-to-all per step "
+                     "(all ranks, forward + backward)"))
     lines = ["| quantity | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"
 

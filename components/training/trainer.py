@@ -103,6 +103,7 @@ class Trainer:
         self._saved_step = -1
         self._session_steps = 0
         self._last_load: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None  # newest step's loads
+        self.a2a_bytes = 0  # bytes this rank sent in expert-parallel all-to-alls, this session's steps
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -132,7 +133,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        self.env = D.init(cfg.device, cfg.distributed.backend, ctx.rank, ctx.world_size, ctx.local_rank)
+        self.env = D.init(cfg.device, cfg.parallel.backend, ctx.rank, ctx.world_size, ctx.local_rank)
         env = self.env
         if env.device.type == "cpu":
             per_node = max(1, min(ctx.world_size, cfg.resources.procs_per_node))
@@ -166,8 +167,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         with torch.device(env.device):  # built where it trains: no full-size host copy per rank
             self.model = Transformer(self.model_cfg)
-        self.module = D.parallelize(self.model, env, cfg.distributed.strategy,
-                                    reshard_after_forward=cfg.distributed.reshard_after_forward)
+        try:
+            self.ep = D.apply_expert_parallel(self.model, env, cfg.parallel.ep)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if cfg.parallel.ep > cfg.resources.procs_per_node and env.is_main:
+            # EP groups are consecutive ranks and torchrun numbers ranks node by node
+            log.warning("parallel.ep (%d) exceeds resources.procs_per_node (%d): the experts' all-to-alls "
+                        "cross nodes", cfg.parallel.ep, cfg.resources.procs_per_node)
+        self.module = D.parallelize(self.model, env, cfg.parallel.strategy, ep=self.ep,
+                                    reshard_after_forward=cfg.parallel.reshard_after_forward)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         o = cfg.optim
@@ -222,6 +231,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         t0 = time.perf_counter()
         self.model.train()
+        for _, experts in D.expert_modules(self.model):  # validation's exchanges are not this step's
+            experts.a2a_bytes = 0
         micro = self.batches.next_step()
         # loss, lm, mtp, aux summed over micro-batches; kept on the device (one sync per step; NCCL
         # collectives need device tensors)
@@ -235,8 +246,15 @@ class Trainer:
             sums += torch.stack([p.detach().double() for p in parts])
         sums = D.all_reduce(sums / len(micro), "avg").cpu()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        if self.ep is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        else:
+            D.sync_expert_grads(self.model, self.ep, env.world_size, cfg.parallel.strategy)
+            grad_norm = D.clip_grad_norm(self.model, clip, self.ep, cfg.parallel.strategy)
         grad_norm = float(D.local_tensor(grad_norm))
+        a2a = 0
+        for _, experts in D.expert_modules(self.model):
+            a2a, experts.a2a_bytes = a2a + experts.a2a_bytes, 0
         counts = D.all_reduce(self.model.expert_counts().to(torch.int64)).cpu()
         lr = self.scheduler.get_last_lr()[0]
         finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
@@ -261,11 +279,14 @@ class Trainer:
             self.compute_tokens += tokens
             self.compute_s += seconds
         self._session_steps += 1
+        self.a2a_bytes += a2a
         self._window["tokens"] += tokens
         self._window["seconds"] += seconds
         metrics = {"loss": float(sums[1]), "loss_total": float(sums[0]), "mtp_loss": float(sums[2]),
                    "aux_loss": float(sums[3]), "grad_norm": grad_norm, "lr": lr, "skipped": float(not finite),
                    "epoch": self.batches.sampler.epoch}
+        if self.ep is not None:
+            metrics["a2a_bytes"] = float(a2a)  # sent by this rank (rank 0's is logged), forward + backward
         if finite and counts.numel():
             self.record_load(counts, metrics)
         return metrics
@@ -350,10 +371,15 @@ class Trainer:
         return val
 
     # ------------------------------------------------------------------------------------------------
-    def _full_states(self) -> tuple[dict, dict]:
+    def _full_states(self, optimizer: bool = True) -> tuple[dict, dict]:
+        """The full (unsharded, all experts) model and optimizer state dicts on rank 0 (empty elsewhere
+        when distributed); every rank must call it."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=self.env.distributed)
-        return (get_model_state_dict(self.model, options=opts),
-                get_optimizer_state_dict(self.model, self.optimizer, options=opts))
+        model_state = get_model_state_dict(self.model, options=opts)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts) if optimizer else {}
+        D.gather_expert_state(self.model, self.optimizer if optimizer else None, self.ep, model_state,
+                              optim_state, keep=self.env.is_main)
+        return model_state, optim_state
 
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -361,7 +387,7 @@ class Trainer:
             "skipped": self.skipped, "train_seconds": self.train_seconds,
             "compute_tokens": self.compute_tokens, "compute_s": self.compute_s,
             "load_sum": self.load_sum, "max_mean_sum": self.max_mean_sum, "max_mean_n": self.max_mean_n,
-            "world_size": self.env.world_size,
+            "world_size": self.env.world_size, "ep": self.cfg.parallel.ep,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -407,6 +433,7 @@ class Trainer:
             path = ckpt.fetch_checkpoint(uri)
         files = ckpt.read_checkpoint(path)
         opts = StateDictOptions(full_state_dict=True)
+        D.shard_expert_state(self.model, self.ep, files["model"], files["optimizer"])  # any EP size
         set_model_state_dict(self.model, {k: v.to(self.env.device) for k, v in files["model"].items()}, options=opts)
         set_optimizer_state_dict(self.model, self.optimizer, files["optimizer"], options=opts)
         st = files["trainer"]
@@ -441,8 +468,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         val = self.validate()
         self.save_checkpoint()
-        model_state = get_model_state_dict(self.model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=self.env.distributed))
+        model_state, _ = self._full_states(optimizer=False)
         if self.env.device.type == "cpu" and cfg.metrics.peak_tflops is None:
             # a shared CPU's attainable GEMM rate varies with its load: the best of two measurements
             again, _ = device_peak(self.env.device, bf16=self.bf16)
@@ -450,11 +476,14 @@ class Trainer:
         tps = self.compute_tokens / self.compute_s if self.compute_s else 0.0
         mfu = tps * self.flops_per_token / (self.env.world_size * self.peak_flops)
         tokens = self.step * self.batches.tokens_per_step
+        a2a = D.all_reduce(torch.tensor([float(self.a2a_bytes)], dtype=torch.float64, device=self.env.device))
+        a2a_per_step = float(a2a.cpu()[0]) / max(self._session_steps, 1)  # all ranks, forward + backward
         ledger = efficiency_ledger(tokens=tokens, flops_per_token=self.flops_per_token,
                                    device_seconds=self.train_seconds, world_size=self.env.world_size,
                                    price_per_device_hour=cfg.metrics.price_per_device_hour, params=self.params,
                                    tokens_per_s=tps, mfu=mfu, peak_flops=self.peak_flops,
-                                   peak_source=self.peak_source, device_name=self.device_name)
+                                   peak_source=self.peak_source, device_name=self.device_name,
+                                   ep=self.cfg.parallel.ep, all_to_all_bytes_per_step=a2a_per_step)
         max_mean = self.max_mean_sum / self.max_mean_n if self.max_mean_n else None
         cumulative = (float(expert_load_stats(self.load_sum)["max_mean"].mean())
                       if self.load_sum is not None else None)
@@ -464,6 +493,7 @@ class Trainer:
             "device_hours": ledger["device_hours"], "cost_usd": ledger["cost_usd"], "flops": ledger["flops"],
             "total_params": float(self.params["total"]), "active_params": float(self.params["active"]),
             "skipped_steps": float(self.skipped), "train_seconds": self.train_seconds,
+            "a2a_bytes_per_step": a2a_per_step,
         }
         if val is not None:
             metrics["val_loss"] = val

@@ -57,6 +57,13 @@ def test_ledger_adds_up_devices_hours_cost_and_flops():
     assert ledger["active_fraction"] == pytest.approx(0.25)
     table = format_ledger(ledger)
     assert "| device-hours | 4 |" in table and "$8 at $2/device-hour" in table and "25 (25.0%)" in table
+    assert "expert parallelism" not in table  # ep 1: no all-to-all row
+    ep = efficiency_ledger(tokens=2_000_000, flops_per_token=3e6, device_seconds=1800, world_size=8,
+                           price_per_device_hour=2.0, params={"total": 100, "active": 25, "mtp": 5},
+                           tokens_per_s=1111.0, mfu=0.4, peak_flops=1e15, peak_source="datasheet",
+                           device_name="H200", ep=8, all_to_all_bytes_per_step=3.5e9)
+    assert ep["all_to_all_bytes_per_step"] == 3.5e9
+    assert "| expert parallelism | ep 8: 3.5 GB all-to-all per step" in format_ledger(ep)
 
 
 def test_plots_render_to_png(tmp_path):

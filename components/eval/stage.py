@@ -101,6 +101,7 @@ def evaluate_model(cfg: EvalConfig, name: str, uri: str, problems: list[Any], da
         "name": name,
         "uri": uri,
         "kind": lm.kind,
+        "architecture": (lm.cfg.to_hf_dict().get("architectures") or [lm.cfg.model_type])[0],
         "metrics": res["metrics"],
         "by_family": res["by_family"],
         "val_loss": val,

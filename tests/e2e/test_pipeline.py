@@ -115,9 +115,9 @@ def test_releases_verify_and_a_changed_byte_fails(demo, tmp_path):
 
 
 def test_a_trained_release_answers_through_the_transformers_pipeline(demo):
-    """Issue 16: what a Hugging Face user does with the student release, and nothing moeflow-specific: a
-    `transformers` text-generation pipeline on the release directory, chat messages in, the release's own
-    chat template and generation config. Ten held-out problems, greedy: the replies have the R1 format
+    """Issues 16 and 18: what a Hugging Face user does with the student release (a Llama), and nothing
+    moeflow-specific: a `transformers` text-generation pipeline on the release directory, chat messages in,
+    the release's own chat template and generation config. Ten held-out problems, greedy: the replies have the R1 format
     (<think>...</think><answer>...</answer>, moeflow's `format_ok`) and the verifier accepts some of them
     (the student solves about half of them greedily on every machine measured)."""
     from transformers import pipeline
@@ -129,6 +129,7 @@ def test_a_trained_release_answers_through_the_transformers_pipeline(demo):
     dataset = demo["summary"]["stages"]["prep"]["outputs"]["dataset_uri"]
     problems = [Problem.from_dict(r) for r in load_eval_split(dataset.removeprefix("file://"), "arithmetic")[:10]]
     generate = pipeline("text-generation", model=demo["summary"]["releases"]["student"])
+    assert type(generate.model).__name__ == "LlamaForCausalLM"  # issue 18: the student is a Llama
     replies = [generate([{"role": "user", "content": p.question}], do_sample=False)[0]["generated_text"][-1]
                for p in problems]
     assert all(r["role"] == "assistant" for r in replies)

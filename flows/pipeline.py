@@ -118,7 +118,8 @@ def summarize(results: dict[str, StageResult], timings: dict[str, float]) -> dic
         metrics, eff = m["metrics"], m.get("efficiency", {})
         maj = next((v for k, v in sorted(metrics.items()) if k.startswith("maj@")), None)
         eval_rows[m["name"]] = {
-            "architecture": m.get("architecture"), "pass@1": metrics.get("pass@1"), "maj@k": maj, "val_loss": (m.get("val_loss") or {}).get("loss"),
+            "architecture": m.get("architecture"), "pass@1": metrics.get("pass@1"), "maj@k": maj,
+            "val_loss": (m.get("val_loss") or {}).get("loss"),
             "active_params": eff.get("active_params"), "total_params": eff.get("total_params"),
             "greedy_accuracy": metrics.get("greedy_accuracy"), "format_rate": metrics.get("format_rate"),
             "device_hours": eff.get("device_hours"), "cost_usd": eff.get("cost_usd"),
@@ -163,7 +164,8 @@ def results_markdown(summary: dict[str, Any]) -> str:
              "| cost (lineage) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in summary["eval"].items():
         cost = "–" if row.get("cost_usd") is None else f"${row['cost_usd']:.3f}"
-        lines.append(f"| {name} | {_fmt(row.get('architecture'))} | {_fmt(row['pass@1'], True)} | {_fmt(row['maj@k'], True)} | "
+        lines.append(f"| {name} | {_fmt(row.get('architecture'))} | {_fmt(row['pass@1'], True)} | "
+                     f"{_fmt(row['maj@k'], True)} | "
                      f"{_fmt(row['greedy_accuracy'], True)} | {_fmt(row['val_loss'])} | "
                      f"{_fmt(row['active_params'])} | {_fmt(row['total_params'])} | {cost} |")
     pre = summary["stages"]["pretrain"]["metrics"]

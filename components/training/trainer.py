@@ -166,6 +166,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         with torch.device(env.device):  # built where it trains: no full-size host copy per rank
             self.model = Transformer(self.model_cfg)
+        if cfg.compile:  # compute_loss as one graph (FSDP2's hooks may split it: no fullgraph there)
+            from components.model.compile import compile_model
+
+            compile_model(self.model, fullgraph=not (env.distributed and cfg.distributed.strategy == "fsdp"))
         self.module = D.parallelize(self.model, env, cfg.distributed.strategy,
                                     reshard_after_forward=cfg.distributed.reshard_after_forward)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]

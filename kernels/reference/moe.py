@@ -8,8 +8,8 @@ the busiest expert and no weight is gathered or copied (an idle expert's segment
 gradient zero).
 
 The segment GEMMs are ``torch.nn.functional.grouped_mm`` (one call over all experts) where it accepts the
-operands -- 16-byte-aligned rows, i.e. feature sizes a multiple of 4 (fp32) / 8 (bf16) --, else a loop of
-``mm`` over ``torch.split`` segments (views; no copies). Scatters write each row once and the reductions
+operands -- 16-byte-aligned rows, i.e. feature sizes a multiple of 4 (fp32) / 8 (bf16); on CUDA bf16 only --,
+else a loop of ``mm`` over ``torch.split`` segments (views; no copies). Scatters write each row once and the reductions
 (combine; the permute's backward) sum a token's K rows in slot order, so results are deterministic.
 
 The forward/backward helpers (``*_fwd``, ``*_bwd``) are shared by this module's autograd Functions (the
@@ -72,8 +72,14 @@ def moe_routing(topk_idx: torch.Tensor, num_experts: int) -> MoeRouting:
 
 # --------------------------------------------------------------------------------- segment GEMMs
 def _gmm_ok(*ts: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` takes these operands: 16-byte aligned data and strides (none 0: broadcast)."""
+    """Whether ``F.grouped_mm`` takes these operands: CPU, or CUDA bf16 on sm_80+; 16-byte aligned data and
+    strides (none 0: broadcast)."""
     if not hasattr(F, "grouped_mm"):
+        return False
+    dev = ts[0].device
+    if dev.type == "cuda" and (ts[0].dtype != torch.bfloat16 or torch.cuda.get_device_capability(dev) < (8, 0)):
+        return False  # CUDA's grouped_mm: bf16 on sm_80+
+    if dev.type not in ("cpu", "cuda"):
         return False
     for t in ts:
         size = t.element_size()

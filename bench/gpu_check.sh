@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # moeflow GPU check (NVIDIA; written for an H200). From the repository root:
 #   bash bench/gpu_check.sh            # PYTHON=/path/to/python to use another interpreter
-# 1. the kernel tests, compiled (not interpreted), on the GPU;
-# 2. copy bandwidth, bf16 / FP8 GEMM peaks and the GPU goals (one table, bench/gpu_check.py);
+# 1. the kernel tests, compiled (not interpreted), on the GPU: every op's opcheck (torch.library custom
+#    ops: fake implementations against the kernels), the unpadded MoE (idle experts, one busy expert);
+# 2. copy bandwidth, bf16 / FP8 GEMM peaks and the GPU goals (one table, bench/gpu_check.py),
+#    the MoE layer with one busy expert, and the compiled (inductor) training step against eager;
 # 3. every op against torch eager, torch.compile and Liger-Kernel (if importable or pip-installable),
 #    table in bench/results/kernels_cuda.md;
 # 4. expert parallelism over NCCL (needs >= 2 GPUs, one process each): the same model at EP 1/2/4/8 in fp32

@@ -1,11 +1,12 @@
 """Model benchmark on CPU: moeflow's model against transformers' DeepseekV3, same config, weights, dtype.
 
-    python -m bench.model [--reps N] [--threads 2,1] [--out bench/results/model_cpu.md]
+    python -m bench.model [--reps N] [--threads 2,1] [--no-compile] [--out bench/results/model_cpu.md]
 
 Measures, in one run and interleaved (ours, theirs, ours, theirs ...; the best repetition counts):
   1. one MoE layer, forward + backward, on a (8, 256, 256) activation;
   2. a full training step (forward + backward + AdamW) on 8 x 256 tokens, with MFU against a GEMM peak
-     measured in the same run (fp32 ``torch.mm`` of 2048^2 matrices);
+     measured in the same run (fp32 ``torch.mm`` of 2048^2 matrices); eager, and with ``compile: true``
+     (inductor; ``--no-compile`` skips it);
   3. greedy decoding throughput (prefill + new tokens, 8 sequences, a short and an RL-rollout-sized
      length) and the KV-cache bytes per token each side actually holds.
 The transformers model is loaded with ``from_pretrained`` from our ``export_hf`` directory, so both hold
@@ -15,6 +16,7 @@ the same weights; its logits are checked against ours before timing.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import tempfile
@@ -26,6 +28,7 @@ import torch
 
 from components.model import ModelConfig, Transformer, export_hf, generate, model_info
 from components.model.attention import LatentCache
+from components.model.compile import compile_model
 
 CONFIG = dict(
     vocab_size=8192, hidden_size=256, intermediate_size=448, moe_intermediate_size=64, num_hidden_layers=4,
@@ -120,7 +123,9 @@ def bench_moe(ours, theirs, reps: int) -> dict[str, float]:
     return {k: min(v) for k, v in t.items()}
 
 
-def bench_train(ours, theirs, reps: int) -> dict[str, float]:
+def bench_train(ours, theirs, reps: int, compiled: bool = True) -> dict[str, float]:
+    """Training steps, interleaved: ours eager, transformers, and (``compiled``) a copy of ours with
+    ``compile: true`` (``components.model.compile``, inductor; its compilation is the warm-up step)."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ), generator=g)
     labels = torch.cat([ids[:, 1:], torch.full((BATCH, 1), -100)], dim=1)  # ours: already shifted
@@ -145,8 +150,22 @@ def bench_train(ours, theirs, reps: int) -> dict[str, float]:
         opt_theirs.zero_grad(set_to_none=True)
         losses["theirs"] = loss.item()
 
-    t = _best({"ours": step_ours, "theirs": step_theirs}, reps)
-    return {**{k: min(v) for k, v in t.items()}, "loss_ours": losses["ours"], "loss_theirs": losses["theirs"]}
+    fns = {"ours": step_ours, "theirs": step_theirs}
+    if compiled:
+        twin = compile_model(copy.deepcopy(ours), backend="inductor")
+        opt_twin = torch.optim.AdamW(twin.parameters(), lr=1e-4)
+
+        def step_compiled():
+            loss = twin.compute_loss(ids, labels).loss
+            loss.backward()
+            opt_twin.step()
+            opt_twin.zero_grad(set_to_none=True)
+            twin.update_expert_bias()
+            losses["ours_compiled"] = loss.item()
+
+        fns["ours_compiled"] = step_compiled
+    t = _best(fns, reps)
+    return {**{k: min(v) for k, v in t.items()}, **{f"loss_{k}": v for k, v in losses.items()}}
 
 
 def bench_decode(ours, theirs, reps: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
@@ -193,7 +212,7 @@ def _hf_cache_bytes_per_token(cache, batch: int) -> float:
     return total / (batch * seq)
 
 
-def run(tmp: Path, reps: int) -> tuple[dict[str, dict], object, float]:
+def run(tmp: Path, reps: int, compiled: bool = True) -> tuple[dict[str, dict], object, float]:
     """Every measurement at the current thread count, on freshly built (identical) models: decoding first,
     while both still hold the exported weights, then the MoE layer, then training steps."""
     ours, theirs, diff = build(tmp)
@@ -201,10 +220,10 @@ def run(tmp: Path, reps: int) -> tuple[dict[str, dict], object, float]:
     dec = [bench_decode(ours, theirs, max(1, reps // 2) if n > 100 else max(2, reps // 2), p, n)
            for p, n in DECODE_LENGTHS]
     moe = bench_moe(ours, theirs, reps)
-    train = bench_train(ours, theirs, reps)
+    train = bench_train(ours, theirs, reps, compiled)
     peak = max(peak, gemm_peak())  # the best seen before and after the model timings
     flops_step = model_info(ours.cfg, seq_len=SEQ)["flops_per_token"] * BATCH * SEQ
-    mfu = {k: flops_step / train[k] / peak for k in ("ours", "theirs")}
+    mfu = {k: flops_step / train[k] / peak for k in ("ours", "theirs", "ours_compiled") if k in train}
     result = {"peak": peak, "moe": moe, "train": train, "dec": dec, "mfu": mfu, "flops_step": flops_step}
     return result, (ours, theirs), diff
 
@@ -224,6 +243,10 @@ def table(r: dict, threads: int) -> list[str]:
         f"| training step (fwd+bwd+AdamW) | {train['ours'] * 1e3:.0f} ms | {train['theirs'] * 1e3:.0f} ms | "
         f"**{train['theirs'] / train['ours']:.2f}x** | >= 1.5x |",
         f"| MFU of the training step | {mfu['ours'] * 100:.1f}% | {mfu['theirs'] * 100:.1f}% | | |",
+        *([f"| training step, `compile: true` (inductor) | {train['ours_compiled'] * 1e3:.0f} ms | "
+           f"{train['theirs'] * 1e3:.0f} ms | **{train['theirs'] / train['ours_compiled']:.2f}x** | >= 1.5x |",
+           f"| MFU of the compiled training step | {mfu['ours_compiled'] * 100:.1f}% | | | >= 65% |"]
+          if "ours_compiled" in train else []),
         *[
             f"| greedy decoding, {DECODE_BATCH} x ({d['prompt']} prompt + {d['new']} new) | "
             f"{d['ours_tok_s']:.0f} tok/s | {d['theirs_tok_s']:.0f} tok/s | "
@@ -235,7 +258,9 @@ def table(r: dict, threads: int) -> list[str]:
         "",
         f"GEMM peak {r['peak'] / 1e9:.1f} GFLOP/s (fp32 `torch.mm` 2048^2, best in this run); per-expert loop "
         f"for the same MoE layer {moe['ours_loop'] * 1e3:.1f} ms; losses of the timed steps {train['loss_ours']:.4f} "
-        f"(moeflow) / {train['loss_theirs']:.4f} (transformers); greedy tokens equal to transformers' (fp32 "
+        f"(moeflow) / {train['loss_theirs']:.4f} (transformers)"
+        + (f" / {train['loss_ours_compiled']:.4f} (moeflow compiled)" if "loss_ours_compiled" in train else "")
+        + "; greedy tokens equal to transformers' (fp32 "
         "near-ties may flip a token, after which the sequences differ) "
         + ", ".join(f"{d['agree'] * 100:.0f}%" for d in decs) + ".",
         "",
@@ -247,6 +272,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", default=str(torch.get_num_threads()),
                     help="comma-separated intra-op thread counts to run at (default: torch's)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled training step (inductor)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model_cpu.md")
     args = ap.parse_args(argv)
     import transformers
@@ -257,7 +283,7 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         for n in threads:
             torch.set_num_threads(n)
-            results[n], (ours, theirs), diff = run(Path(tmp) / f"t{n}", args.reps)
+            results[n], (ours, theirs), diff = run(Path(tmp) / f"t{n}", args.reps, not args.no_compile)
             print("\n".join(table(results[n], n)), flush=True)
     cfg = ours.cfg
     ours_bytes = results[threads[0]]["dec"][0]["ours_bytes"]

@@ -1,8 +1,10 @@
 """moeflow kernels: Triton kernels with one torch reference each, behind one dispatch layer.
 
-Every public function below is differentiable and accepts fp32 and bf16. Each picks its backend with
-``kernels.backend.resolve`` (Triton on CUDA, the torch reference elsewhere; ``set_backend`` /
-``MOEFLOW_KERNEL_BACKEND`` force either) and asserts its preconditions with a message. Triton itself is
+Every public function below is differentiable and accepts fp32 and bf16. Each asserts its preconditions
+with a message and calls a ``torch.library`` custom op (``torch.ops.moeflow.*``, defined in
+``kernels.ops``) that picks its backend inside with ``kernels.backend.resolve`` (Triton on CUDA, the
+torch reference elsewhere; ``set_backend`` / ``MOEFLOW_KERNEL_BACKEND`` force either), so
+``torch.compile(fullgraph=True)`` traces through every op without a graph break. Triton itself is
 imported only when the Triton backend is used, so ``TRITON_INTERPRET`` may be set any time before that.
 
 Ops: ``rms_norm``, ``swiglu``, ``apply_rope`` (+ ``rope_cos_sin``), ``fused_linear_cross_entropy``,
@@ -15,9 +17,12 @@ from __future__ import annotations
 
 import torch
 
+from . import ops as _ops  # noqa: F401  (registers torch.ops.moeflow.*)
 from . import reference as ref
-from .backend import BackendUnavailableError, get_backend, resolve, set_backend, triton_op
-from .reference import MoeRouting, moe_routing, rope_cos_sin, rope_inv_freq
+from .backend import BackendUnavailableError, get_backend, set_backend
+from .reference import MoeRouting, rope_cos_sin, rope_inv_freq
+
+_op = torch.ops.moeflow
 
 __all__ = [
     "BackendUnavailableError",
@@ -52,6 +57,11 @@ def _check_float(name: str, t: torch.Tensor) -> None:
     assert t.dtype in _FLOAT, f"{name} must be fp32 or bf16, got {t.dtype}"
 
 
+def _needs_grad(t: torch.Tensor) -> bool:
+    """Whether a gradient for t can be asked for (the fused losses then compute it during the forward)."""
+    return torch.is_grad_enabled() and t.requires_grad
+
+
 def _same_device(*named: tuple[str, torch.Tensor]) -> torch.device:
     dev = named[0][1].device
     for name, t in named[1:]:
@@ -79,10 +89,9 @@ def rms_norm(
         if residual.dtype != x.dtype:
             dtype = torch.promote_types(x.dtype, residual.dtype)
             x, residual = x.to(dtype), residual.to(dtype)
-    dev = _same_device(("x", x), ("weight", weight), *([("residual", residual)] if residual is not None else []))
-    if resolve(dev, "rms_norm") == "triton":
-        return triton_op("rms_norm").rms_norm(x, weight, eps, residual)
-    return ref.rms_norm(x, weight, eps, residual)
+    _same_device(("x", x), ("weight", weight), *([("residual", residual)] if residual is not None else []))
+    y, s = _op.rms_norm(x, weight, eps, residual)
+    return y if residual is None else (y, s)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -91,10 +100,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     assert gate.shape == up.shape and gate.dtype == up.dtype, (
         f"gate and up must match, got {tuple(gate.shape)} {gate.dtype} vs {tuple(up.shape)} {up.dtype}"
     )
-    dev = _same_device(("gate", gate), ("up", up))
-    if resolve(dev, "swiglu") == "triton":
-        return triton_op("swiglu").swiglu(gate, up)
-    return ref.swiglu(gate, up)
+    _same_device(("gate", gate), ("up", up))
+    return _op.swiglu(gate, up)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -108,10 +115,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     for name, t in (("cos", cos), ("sin", sin)):
         assert t.shape == (T, D // 2), f"{name} must be ({T}, {D // 2}), got {tuple(t.shape)}"
         assert t.dtype == torch.float32, f"{name} must be fp32, got {t.dtype}"
-    dev = _same_device(("x", x), ("cos", cos), ("sin", sin))
-    if resolve(dev, "apply_rope") == "triton":
-        return triton_op("rope").apply_rope(x, cos, sin)
-    return ref.apply_rope(x, cos, sin)
+    _same_device(("x", x), ("cos", cos), ("sin", sin))
+    return _op.apply_rope(x, cos, sin)
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -135,14 +140,11 @@ def fused_linear_cross_entropy(
     """
     _check_float("h", h)
     ref.cross_entropy.check_ce_args(h, weight, targets, reduction, temperature)
-    dev = _same_device(("h", h), ("weight", weight), ("targets", targets))
-    rows = None
-    if resolve(dev, "fused_linear_cross_entropy") == "triton":
-        rows = triton_op("cross_entropy").cross_entropy_rows
-    return ref.fused_linear_cross_entropy(
-        h, weight, targets, ignore_index=ignore_index, z_loss=z_loss, reduction=reduction,
-        temperature=temperature, chunk_size=chunk_size, rows=rows,
-    )
+    _same_device(("h", h), ("weight", weight), ("targets", targets))
+    chunk = ref.chunked.check_chunked_args(h, weight, targets != ignore_index, reduction, chunk_size)
+    need_dh, need_dw = _needs_grad(h), _needs_grad(weight)
+    return _op.fused_linear_cross_entropy(h, weight, targets, ignore_index, float(z_loss), reduction,
+                                          float(temperature), chunk, need_dh, need_dw)[0]
 
 
 def fused_linear_distill_loss(
@@ -167,14 +169,12 @@ def fused_linear_distill_loss(
     """
     _check_float("h_s", h_s)
     _check_float("h_t", h_t)
-    dev = _same_device(("h_s", h_s), ("w_s", w_s), ("h_t", h_t), ("w_t", w_t))
-    rows = None
-    if resolve(dev, "fused_linear_distill_loss") == "triton":
-        rows = triton_op("distill").distill_rows
-    return ref.fused_linear_distill_loss(
-        h_s, w_s, h_t, w_t, mask=mask, kind=kind, beta=beta, temperature=temperature,
-        reduction=reduction, chunk_size=chunk_size, rows=rows,
-    )
+    _same_device(("h_s", h_s), ("w_s", w_s), ("h_t", h_t), ("w_t", w_t))
+    ref.distill.check_distill_args(h_s, w_s, h_t, w_t, mask, kind, beta, temperature)
+    valid = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device) if mask is None else mask.bool()
+    chunk = ref.chunked.check_chunked_args(h_s, w_s, valid, reduction, chunk_size)
+    return _op.fused_linear_distill_loss(h_s, w_s, h_t.detach(), w_t.detach(), valid, kind, float(beta),
+                                         float(temperature), reduction, chunk, _needs_grad(h_s), _needs_grad(w_s))[0]
 
 
 def distill_loss(
@@ -190,17 +190,24 @@ def distill_loss(
 ) -> torch.Tensor:
     """The distillation losses of ``fused_linear_distill_loss`` on given logits ``(N, V)`` fp32/bf16."""
     _check_float("student_logits", student_logits)
-    dev = _same_device(("student_logits", student_logits), ("teacher_logits", teacher_logits))
-    rows = None
-    if resolve(dev, "distill_loss") == "triton":
-        rows = triton_op("distill").distill_rows
-    return ref.distill_loss(
-        student_logits, teacher_logits, mask=mask, kind=kind, beta=beta, temperature=temperature,
-        reduction=reduction, chunk_size=chunk_size, rows=rows,
-    )
+    _same_device(("student_logits", student_logits), ("teacher_logits", teacher_logits))
+    valid, chunk = ref.distill.check_logits_distill_args(student_logits, teacher_logits, mask, kind, beta,
+                                                         temperature, reduction, chunk_size)
+    return _op.distill_loss(student_logits, teacher_logits.detach(), valid, kind, float(beta), float(temperature),
+                            reduction, chunk, _needs_grad(student_logits))[0]
 
 
 # ------------------------------------------------------------------------------------------------ MoE
+def moe_routing(topk_idx: torch.Tensor, num_experts: int) -> MoeRouting:
+    """Sort the (token, slot) pairs of topk_idx ``(T, K)`` by expert (token order within an expert).
+
+    -> ``MoeRouting``: ``T*K`` rows, no padding; expert e owns rows ``offsets[e]:offsets[e+1]``.
+    """
+    assert topk_idx.dim() == 2, f"topk_idx must be (T, K), got {tuple(topk_idx.shape)}"
+    assert not topk_idx.is_floating_point(), f"topk_idx must be integer, got {topk_idx.dtype}"
+    return MoeRouting(*_op.moe_routing(topk_idx, num_experts))
+
+
 def _check_routing(routing: MoeRouting, T: int | None = None) -> None:
     assert isinstance(routing, MoeRouting), f"routing must be a MoeRouting (from moe_routing), got {type(routing)}"
     if T is not None:
@@ -208,57 +215,60 @@ def _check_routing(routing: MoeRouting, T: int | None = None) -> None:
 
 
 def moe_permute(x: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
-    """x ``(T, D)`` -> ``(routing.num_rows, D)``: each token copied to its K expert-sorted rows, pad rows 0."""
+    """x ``(T, D)`` -> ``(T*K, D)``: each token copied to its K expert-sorted rows."""
     _check_float("x", x)
     assert x.dim() == 2, f"x must be (T, D), got {tuple(x.shape)}"
     _check_routing(routing, x.shape[0])
-    if resolve(x.device, "moe_permute") == "triton":
-        return triton_op("moe_permute").moe_permute(x, routing)
-    return ref.moe_permute(x, routing)
+    return _op.moe_permute(x, routing.rows, routing.row_slot)
 
 
-def grouped_gemm(x: torch.Tensor, w: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
-    """``y[rows of expert e] = x[rows of e] @ w[e].T``; x ``(R, Din)``, w ``(E, Dout, Din)`` -> ``(R, Dout)``."""
-    _check_float("x", x)
-    _check_routing(routing)
+def _check_grouped(x: torch.Tensor, w: torch.Tensor, routing: MoeRouting, name: str) -> None:
     assert x.dim() == 2 and x.shape[0] == routing.num_rows, (
         f"x must be (routing.num_rows={routing.num_rows}, Din), got {tuple(x.shape)}"
     )
     assert w.dim() == 3 and w.shape[0] == routing.num_experts and w.shape[2] == x.shape[1], (
-        f"w must be (E={routing.num_experts}, Dout, Din={x.shape[1]}), got {tuple(w.shape)}"
+        f"{name} must be (E={routing.num_experts}, Dout, Din={x.shape[1]}), got {tuple(w.shape)}"
     )
-    assert w.dtype == x.dtype, f"w and x dtypes differ: {w.dtype} vs {x.dtype}"
-    if resolve(_same_device(("x", x), ("w", w)), "grouped_gemm") == "triton":
-        return triton_op("grouped_gemm").grouped_gemm(x, w, routing)
-    return ref.grouped_gemm(x, w, routing)
+    assert w.dtype == x.dtype, f"{name} and x dtypes differ: {w.dtype} vs {x.dtype}"
+    _same_device(("x", x), (name, w))
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
+    """``y[rows of expert e] = x[rows of e] @ w[e].T``; x ``(R, Din)``, w ``(E, Dout, Din)`` -> ``(R, Dout)``.
+
+    Exactly the routed rows are multiplied (R = T*K), each by its own expert's weight; no copies.
+    """
+    _check_float("x", x)
+    _check_routing(routing)
+    _check_grouped(x, w, routing, "w")
+    return _op.grouped_gemm(x, w, routing.offsets)
 
 
 def grouped_swiglu_mlp(
     x_perm: torch.Tensor, routing: MoeRouting, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:
     """Experts' SwiGLU MLP on permuted rows: x_perm ``(R, D)``; w_gate, w_up ``(E, I, D)``; w_down ``(E, D, I)``."""
-    if resolve(x_perm.device, "grouped_swiglu_mlp") == "triton":
-        return grouped_gemm(swiglu(grouped_gemm(x_perm, w_gate, routing), grouped_gemm(x_perm, w_up, routing)),
-                            w_down, routing)
     _check_float("x_perm", x_perm)
     _check_routing(routing)
-    return ref.grouped_swiglu_mlp(x_perm, routing, w_gate, w_up, w_down)
+    _check_grouped(x_perm, w_gate, routing, "w_gate")
+    assert w_up.shape == w_gate.shape and w_up.dtype == x_perm.dtype, f"w_up must be {tuple(w_gate.shape)}"
+    E, I, D = w_gate.shape
+    assert w_down.shape == (E, D, I) and w_down.dtype == x_perm.dtype, f"w_down must be {(E, D, I)}"
+    return _op.grouped_swiglu_mlp(x_perm, w_gate, w_up, w_down, routing.offsets)[0]
 
 
 def moe_combine(y_perm: torch.Tensor, routing: MoeRouting, topk_weight: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_k topk_weight[t, k] y_perm[routing.rows[t, k]]`` (fp32 sum in slot order:
-    deterministic); y_perm ``(R, D)``, topk_weight ``(T, K)`` -> ``(T, D)`` in y_perm.dtype."""
+    deterministic); y_perm ``(R, D)``, topk_weight ``(T, K)`` fp32 or y's dtype -> ``(T, D)`` in y's dtype."""
     _check_float("y_perm", y_perm)
     _check_routing(routing)
+    assert y_perm.dim() == 2 and y_perm.shape[0] == routing.num_rows, (
+        f"y_perm must be (routing.num_rows={routing.num_rows}, D), got {tuple(y_perm.shape)}"
+    )
     assert topk_weight.shape == routing.rows.shape, (
         f"topk_weight must be {tuple(routing.rows.shape)}, got {tuple(topk_weight.shape)}"
     )
-    assert y_perm.dim() == 2 and y_perm.shape[0] == routing.num_rows, (
-        f"y_perm must be ({routing.num_rows}, D), got {tuple(y_perm.shape)}"
-    )
-    if resolve(_same_device(("y_perm", y_perm), ("topk_weight", topk_weight)), "moe_combine") == "triton":
-        return triton_op("moe_combine").moe_combine(y_perm, routing, topk_weight)
-    return ref.moe_combine(y_perm, routing, topk_weight)
+    return _op.moe_combine(y_perm, routing.rows, routing.row_slot, topk_weight)
 
 
 def moe_ffn(
@@ -269,19 +279,16 @@ def moe_ffn(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
 ) -> torch.Tensor:
-    """Routed experts' output ``sum_k topk_weight[t,k] * down_e(silu(gate_e x_t) * up_e x_t)``.
+    """Routed experts: ``out[t] = sum_k topk_weight[t, k] expert_{topk_idx[t, k]}(x[t])`` (SwiGLU experts).
 
-    x ``(T, D)`` fp32/bf16; topk_idx ``(T, K)`` int64; topk_weight ``(T, K)`` fp32 or x.dtype;
-    w_gate, w_up ``(E, I, D)``; w_down ``(E, D, I)`` (x.dtype) -> ``(T, D)`` in x.dtype.
-    Gradients for x, topk_weight and the three weights. No Python loop over experts on either backend.
-    Under autocast, x and the weights are cast to the autocast dtype and the op runs with autocast off
-    (its hand-written backward then sees the dtypes its forward saw).
+    x ``(T, D)`` fp32/bf16; topk_idx ``(T, K)`` int64; topk_weight ``(T, K)`` fp32 or x.dtype; w_gate, w_up
+    ``(E, I, D)``, w_down ``(E, D, I)`` in x.dtype -> ``(T, D)`` in x.dtype. Routing, permute, the
+    grouped SwiGLU MLP over exactly the routed rows, and the weighted combine: four custom ops, no padding.
+    Under autocast, x and the expert weights are cast to the autocast dtype first (as its GEMMs would be).
     """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            return moe_ffn(x.to(dtype), topk_idx, topk_weight, w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype))
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
     _check_float("x", x)
     assert x.dim() == 2, f"x must be (T, D), got {tuple(x.shape)}"
     T, D = x.shape
@@ -295,46 +302,33 @@ def moe_ffn(
     assert w_down.shape == (E, D, I), f"w_down must be {(E, D, I)}, got {tuple(w_down.shape)}"
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         assert w.dtype == x.dtype, f"{name} must be {x.dtype}, got {w.dtype}"
-    dev = _same_device(("x", x), ("topk_idx", topk_idx), ("topk_weight", topk_weight), ("w_gate", w_gate),
-                       ("w_up", w_up), ("w_down", w_down))
-    if resolve(dev, "moe_ffn") == "triton":
-        gg = triton_op("grouped_gemm")
-        routing = moe_routing(topk_idx, E, block=gg.routing_block())
-        x_perm = triton_op("moe_permute").moe_permute(x, routing)
-        h = triton_op("swiglu").swiglu(gg.grouped_gemm(x_perm, w_gate, routing), gg.grouped_gemm(x_perm, w_up, routing))
-        return triton_op("moe_combine").moe_combine(gg.grouped_gemm(h, w_down, routing), routing, topk_weight)
-    return ref.moe_ffn(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+    _same_device(("x", x), ("topk_idx", topk_idx), ("topk_weight", topk_weight), ("w_gate", w_gate),
+                 ("w_up", w_up), ("w_down", w_down))
+    routing = moe_routing(topk_idx, E)
+    y_perm = _op.grouped_swiglu_mlp(_op.moe_permute(x, routing.rows, routing.row_slot), w_gate, w_up, w_down,
+                                    routing.offsets)[0]
+    return _op.moe_combine(y_perm, routing.rows, routing.row_slot, topk_weight)
 
 
 # ------------------------------------------------------------------------------------------------ FP8
-def _fp8_backend(t: torch.Tensor, op: str) -> str:
-    return resolve(t.device, op, needs_fp8=True)
-
-
 def fp8_quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``(..., K)`` fp32/bf16 -> (float8_e4m3fn ``(..., K)``, fp32 scales ``(..., ceil(K/128))``), 1x128 tiles."""
     _check_float("x", x)
-    if _fp8_backend(x, "fp8_quantize_act") == "triton":
-        return triton_op("fp8_quant").fp8_quantize_act(x)
-    return ref.fp8_quantize_act(x)
+    return _op.fp8_quantize_act(x)
 
 
 def fp8_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w ``(N, K)`` fp32/bf16 -> (float8_e4m3fn ``(N, K)``, fp32 scale_inv ``(ceil(N/128), ceil(K/128))``)."""
     _check_float("w", w)
     assert w.dim() == 2, f"w must be (N, K), got {tuple(w.shape)}"
-    if _fp8_backend(w, "fp8_quantize_weight") == "triton":
-        return triton_op("fp8_quant").fp8_quantize_weight(w)
-    return ref.fp8_quantize_weight(w)
+    return _op.fp8_quantize_weight(w)
 
 
 def fp8_dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """float8_e4m3fn tensor times its 1x128-tile or 128x128-block scales (layout read from scale's shape)."""
     assert x_fp8.dtype == torch.float8_e4m3fn, f"x_fp8 must be float8_e4m3fn, got {x_fp8.dtype}"
     assert scale.dtype == torch.float32, f"scale must be fp32, got {scale.dtype}"
-    if _fp8_backend(x_fp8, "fp8_dequantize") == "triton":
-        return triton_op("fp8_quant").fp8_dequantize(x_fp8, scale, dtype)
-    return ref.fp8_dequantize(x_fp8, scale, dtype)
+    return _op.fp8_dequantize(x_fp8, scale, dtype)
 
 
 def fp8_gemm(
@@ -356,9 +350,7 @@ def fp8_gemm(
     assert b_scale.shape == (-(-N // 128), kt) and b_scale.dtype == torch.float32, (
         f"b_scale must be ({-(-N // 128)}, {kt}) fp32, got {tuple(b_scale.shape)}"
     )
-    if _fp8_backend(a_fp8, "fp8_gemm") == "triton":
-        return triton_op("fp8_gemm").fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
-    return ref.fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+    return _op.fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -369,8 +361,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _check_float("x", x)
     _check_float("weight", weight)
     _same_device(("x", x), ("weight", weight))
-    if _fp8_backend(x, "fp8_linear") == "triton":
-        q, g = triton_op("fp8_quant"), triton_op("fp8_gemm")
-        ops = (q.fp8_quantize_act, q.fp8_quantize_weight, g.fp8_gemm, q.fp8_dequantize)
-        return ref.fp8_linear(x, weight, ops)
-    return ref.fp8_linear(x, weight)
+    assert weight.dim() == 2 and x.shape[-1] == weight.shape[1], (
+        f"x (..., K) and weight (N, K) must share K, got {tuple(x.shape)} and {tuple(weight.shape)}"
+    )
+    y = _op.fp8_linear(x.reshape(-1, x.shape[-1]), weight)[0]
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -70,3 +70,7 @@ class DistillConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     price_per_device_hour: float = Field(2.0, ge=0, description="USD per device-hour in the stage's cost")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    compile: bool = Field(
+        False, description="torch.compile the model's training forward passes (one graph each; inductor, or the "
+        "backend MOEFLOW_COMPILE_BACKEND names; generation stays eager)"
+    )

@@ -227,6 +227,10 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageOutput:
     ctx.tracker.log_text("\n\n".join(f"{r['prompt']}{r['completion']}" for r in sample), "traces/samples.txt")
 
     student, scfg = build_student(cfg, inputs, teacher.cfg)
+    if cfg.compile:
+        from components.model.compile import compile_model
+
+        compile_model(student)
     checkpoints = Checkpoints(cfg, ctx, scfg)
     sft_cfg = cfg.sft.model_copy(update={"ckpt_every": cfg.checkpoint.every})  # and always at the end
     resume = checkpoints.resume_state()

@@ -47,7 +47,7 @@ class LossOutput:
     lm_loss: torch.Tensor
     mtp_loss: torch.Tensor | None
     aux_loss: torch.Tensor | None
-    n_tokens: int
+    n_tokens: torch.Tensor  # 0-dim int64: a tensor, so that a compiled compute_loss has no host sync (graph break)
 
 
 class CausalLM(nn.Module):
@@ -166,7 +166,7 @@ class CausalLM(nn.Module):
             loss = loss + mtp_loss
         if aux is not None:
             loss = loss + aux
-        n_tokens = int((labels_BT != IGNORE_INDEX).sum())
+        n_tokens = (labels_BT != IGNORE_INDEX).sum()  # a tensor: no host sync in a compiled graph
         return LossOutput(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux, n_tokens=n_tokens)
 
     def _extra_losses(self, input_ids_BT, labels_BT, h_BTD, W_VD, aux):

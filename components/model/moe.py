@@ -228,7 +228,8 @@ class MoE(nn.Module):
         aux = None
         if self.training:
             with torch.no_grad():
-                self.expert_counts += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts)
+                idx_N = topk_idx_TK.flatten()  # scatter_add keeps a static shape (bincount breaks compiled graphs)
+                self.expert_counts.scatter_add_(0, idx_N, torch.ones_like(idx_N))
             if self.alpha > 0:
                 aux = self._seq_aux_loss(topk_idx_TK.view(B, T, -1), scores_TE.view(B, T, -1))
         return y_TD.view(B, T, D), aux

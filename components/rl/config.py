@@ -172,6 +172,10 @@ class RLConfig(Strict):
     log_every: int = Field(5, ge=1, description="log a progress line every N steps (metrics: every step)")
     seed: int = Field(0, description="seed of the rollouts and the prompt order")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = the available cores)")
+    compile: bool = Field(
+        False, description="torch.compile the model's training forward passes (one graph each; inductor, or the "
+        "backend MOEFLOW_COMPILE_BACKEND names; generation stays eager)"
+    )
 
     @field_validator("eval")
     @classmethod

@@ -28,6 +28,7 @@ import torch
 
 from components.common.system import available_cores, eta
 from components.dataset.format import eval_problem_ids
+from components.model.compile import compile_model
 from components.refs import checkpoint as ckpt
 from components.refs.models import local_dir
 from components.rl import report
@@ -248,6 +249,8 @@ class RLRun:
         torch.set_num_threads(cfg.threads or available_cores())
         try:
             self.load()
+            if cfg.compile:  # the policy's training forward (hidden_states); rollouts stay eager
+                compile_model(self.model)
             trainer = GRPOTrainer(self.model, self.tokenizer, self.pool, cfg.grpo, cfg.rewards, seed=cfg.seed,
                                   samples=cfg.samples)
             if not self.restore(trainer):

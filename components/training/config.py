@@ -122,6 +122,10 @@ class PretrainConfig(Strict):
         "bit for bit)"
     )
     threads: int = Field(0, ge=0, description="CPU threads per process (0 = the cores / processes per node)")
+    compile: bool = Field(
+        False, description="torch.compile the model's training forward passes (one graph each; inductor, or the "
+        "backend MOEFLOW_COMPILE_BACKEND names; generation stays eager)"
+    )
     resources: Resources = Field(default_factory=Resources, description="processes, nodes, GPUs of the job")
 
     @model_validator(mode="before")

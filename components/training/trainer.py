@@ -175,6 +175,11 @@ class Trainer:
             # EP groups are consecutive ranks and torchrun numbers ranks node by node
             log.warning("parallel.ep (%d) exceeds resources.procs_per_node (%d): the experts' all-to-alls "
                         "cross nodes", cfg.parallel.ep, cfg.resources.procs_per_node)
+        if cfg.compile:  # compute_loss as one graph (FSDP2's hooks and EP's all-to-all splits may break it)
+            from components.model.compile import compile_model
+
+            compile_model(self.model, fullgraph=not (env.distributed and (cfg.parallel.strategy == "fsdp"
+                                                                         or self.ep is not None)))
         self.module = D.parallelize(self.model, env, cfg.parallel.strategy, ep=self.ep,
                                     reshard_after_forward=cfg.parallel.reshard_after_forward)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]

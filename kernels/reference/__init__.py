@@ -18,9 +18,9 @@ from .moe import (
     moe_permute,
     moe_routing,
 )
-from .rms_norm import rms_norm
+from .rms_norm import rms_norm, rms_norm_bwd
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
-from .swiglu import swiglu
+from .swiglu import swiglu, swiglu_bwd
 
 __all__ = [
     "MoeRouting",
@@ -45,7 +45,9 @@ __all__ = [
     "moe_permute",
     "moe_routing",
     "rms_norm",
+    "rms_norm_bwd",
     "rope_cos_sin",
     "rope_inv_freq",
     "swiglu",
+    "swiglu_bwd",
 ]

@@ -48,64 +48,76 @@ def _accumulate_dw(dw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None
         dw += (g.T @ h_c).float()
 
 
-class ChunkedLinearLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, valid, row_fn, reduction, chunk):
-        N = h.shape[0]
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        n_valid = valid.sum()
-        # per-token factor of the reduction: mean divides by the number of valid tokens (at least 1)
-        scale = valid.float() / n_valid.clamp(min=1) if reduction == "mean" else valid.float()
-        precompute = need_grad and reduction != "none"
-        loss = torch.empty(N, dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h) if precompute and ctx.needs_input_grad[0] else None
-        dw = None
-        if precompute and ctx.needs_input_grad[1]:
-            dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            z = _logits(h[s:e], w)
-            loss[s:e] = row_fn(z, s, e, precompute)
-            if precompute:
-                g = z.mul_(scale[s:e, None]).to(h.dtype)  # d (reduced loss) / d logits
-                if dh is not None:
-                    torch.mm(g, w, out=dh[s:e])
-                if dw is not None:
-                    _accumulate_dw(dw, g, h[s:e])
-        loss = loss * valid
-        ctx.reduction, ctx.chunk, ctx.row_fn, ctx.w_dtype = reduction, chunk, row_fn, w.dtype
+def chunked_forward(h, w, valid, row_fn: RowFn, reduction: str, chunk: int, need_dh: bool, need_dw: bool):
+    """-> (loss, dh, dw32): the reduced loss (or ``(N,)`` losses) and, for ``mean``/``sum`` with need_dh /
+    need_dw, d loss / d h ``(N, d)`` in h's dtype and d loss / d w ``(V, d)`` fp32 (else None)."""
+    N = h.shape[0]
+    n_valid = valid.sum()
+    # per-token factor of the reduction: mean divides by the number of valid tokens (at least 1)
+    scale = valid.float() / n_valid.clamp(min=1) if reduction == "mean" else valid.float()
+    precompute = (need_dh or need_dw) and reduction != "none"
+    loss = torch.empty(N, dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h) if precompute and need_dh else None
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if precompute and need_dw else None
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        z = _logits(h[s:e], w)
+        loss[s:e] = row_fn(z, s, e, precompute)
         if precompute:
-            ctx.save_for_backward(dh, dw)
-        elif need_grad:
-            ctx.save_for_backward(h, w, valid)
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total / n_valid.clamp(min=1) if reduction == "mean" else total
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.reduction != "none":
-            dh, dw = ctx.saved_tensors
-            return (
-                None if dh is None else dh * grad.to(dh.dtype),
-                None if dw is None else (dw * grad).to(ctx.w_dtype),
-                None, None, None, None,
-            )
-        h, w, valid = ctx.saved_tensors
-        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
-        g_tok = grad.float() * valid
-        for s in range(0, h.shape[0], ctx.chunk):
-            e = min(s + ctx.chunk, h.shape[0])
-            z = _logits(h[s:e], w)
-            ctx.row_fn(z, s, e, True)
-            g = z.mul_(g_tok[s:e, None]).to(h.dtype)
+            g = z.mul_(scale[s:e, None]).to(h.dtype)  # d (reduced loss) / d logits
             if dh is not None:
                 torch.mm(g, w, out=dh[s:e])
             if dw is not None:
                 _accumulate_dw(dw, g, h[s:e])
-        return dh, None if dw is None else dw.to(w.dtype), None, None, None, None
+    loss = loss * valid
+    if reduction == "none":
+        return loss, dh, dw
+    total = loss.sum()
+    return (total / n_valid.clamp(min=1) if reduction == "mean" else total), dh, dw
+
+
+def chunked_backward(h, w, valid, row_fn: RowFn, chunk: int, grad, need_dh: bool, need_dw: bool):
+    """Backward of reduction ``none``: recompute each chunk's logits, weigh d loss_t by ``grad[t]``.
+    -> (dh in h's dtype or None, dw in w's dtype or None)."""
+    dh = torch.empty_like(h) if need_dh else None
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
+    g_tok = grad.float() * valid
+    for s in range(0, h.shape[0], chunk):
+        e = min(s + chunk, h.shape[0])
+        z = _logits(h[s:e], w)
+        row_fn(z, s, e, True)
+        g = z.mul_(g_tok[s:e, None]).to(h.dtype)
+        if dh is not None:
+            torch.mm(g, w, out=dh[s:e])
+        if dw is not None:
+            _accumulate_dw(dw, g, h[s:e])
+    return dh, None if dw is None else dw.to(w.dtype)
+
+
+def scale_precomputed(dh, dw, grad, w_dtype):
+    """Backward of reduction ``mean``/``sum``: the forward's gradients times the incoming scalar."""
+    return (None if dh is None else dh * grad.to(dh.dtype)), (None if dw is None else (dw * grad).to(w_dtype))
+
+
+class ChunkedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, valid, row_fn, reduction, chunk):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        out, dh, dw = chunked_forward(h, w, valid, row_fn, reduction, chunk, need_dh, need_dw)
+        ctx.reduction, ctx.chunk, ctx.row_fn, ctx.w_dtype = reduction, chunk, row_fn, w.dtype
+        if reduction != "none":
+            ctx.save_for_backward(dh, dw)
+        elif need_dh or need_dw:
+            ctx.save_for_backward(h, w, valid)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduction != "none":
+            return (*scale_precomputed(*ctx.saved_tensors, grad, ctx.w_dtype), None, None, None, None)
+        h, w, valid = ctx.saved_tensors
+        dh, dw = chunked_backward(h, w, valid, ctx.row_fn, ctx.chunk, grad, *ctx.needs_input_grad[:2])
+        return dh, dw, None, None, None, None
 
 
 def chunked_linear_loss(
@@ -122,6 +134,12 @@ def chunked_linear_loss(
     Returns a scalar (mean over valid tokens -- 0 when there are none -- or sum) or ``(N,)`` fp32 losses
     (0 at invalid tokens) for ``reduction="none"``.
     """
+    chunk = check_chunked_args(h, w, valid, reduction, chunk_size)
+    return ChunkedLinearLoss.apply(h.contiguous(), w.contiguous(), valid, row_fn, reduction, chunk)
+
+
+def check_chunked_args(h, w, valid, reduction: str, chunk_size: int | None) -> int:
+    """Assert the engine's preconditions; -> the chunk size (``default_chunk_size`` when None)."""
     assert reduction in REDUCTIONS, f"reduction must be one of {REDUCTIONS}, got {reduction!r}"
     assert h.dim() == 2 and w.dim() == 2, f"h must be (N, d) and w (V, d), got {tuple(h.shape)}, {tuple(w.shape)}"
     assert h.shape[1] == w.shape[1], f"hidden sizes differ: h {tuple(h.shape)} vs weight {tuple(w.shape)}"
@@ -130,4 +148,4 @@ def chunked_linear_loss(
     assert valid.shape == (h.shape[0],) and valid.dtype == torch.bool, "valid must be (N,) bool"
     chunk = chunk_size or default_chunk_size(h.shape[0], h.shape[1], w.shape[0])
     assert chunk >= 1, f"chunk_size must be >= 1, got {chunk}"
-    return ChunkedLinearLoss.apply(h.contiguous(), w.contiguous(), valid, row_fn, reduction, chunk)
+    return chunk

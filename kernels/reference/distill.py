@@ -108,34 +108,64 @@ def fused_linear_distill_loss(
     return chunked_linear_loss(h_s, w_s, valid, row_fn, reduction, chunk_size)
 
 
+def logits_distill_fwd(zs, zt, valid, row_fn, reduction: str, chunk: int, need_grad: bool):
+    """-> (loss, d loss / d zs in zs's dtype or None): the reduced loss (``(N,)`` for ``none``) and, with
+    need_grad, the per-token gradient (scaled by the reduction for ``mean``/``sum``, unscaled for ``none``)."""
+    N = zs.shape[0]
+    n_valid = valid.sum()
+    scale = valid.float() / n_valid.clamp(min=1) if reduction == "mean" else valid.float()
+    loss = torch.empty(N, dtype=torch.float32, device=zs.device)
+    grad = torch.empty_like(zs) if need_grad else None
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        z = zs[s:e].float().clone() if zs.dtype == torch.float32 else zs[s:e].float()
+        loss[s:e] = row_fn(z, zt[s:e].float(), need_grad)
+        if need_grad:
+            grad[s:e] = z if reduction == "none" else z.mul_(scale[s:e, None])
+    loss = loss * valid
+    if reduction == "none":
+        return loss, grad
+    return (loss.sum() / n_valid.clamp(min=1) if reduction == "mean" else loss.sum()), grad
+
+
+def logits_distill_bwd(grad, valid, g, reduction: str):
+    """d (upstream) / d zs from the forward's per-token gradient ``grad`` and the incoming ``g``."""
+    if reduction == "none":
+        return grad * (g.float() * valid)[:, None].to(grad.dtype)
+    return grad * g.to(grad.dtype)
+
+
 class _LogitsDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zs, zt, valid, row_fn, reduction, chunk):
-        N = zs.shape[0]
-        n_valid = valid.sum()
-        scale = valid.float() / n_valid.clamp(min=1) if reduction == "mean" else valid.float()
-        need_grad = ctx.needs_input_grad[0]
-        loss = torch.empty(N, dtype=torch.float32, device=zs.device)
-        grad = torch.empty_like(zs) if need_grad else None
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            z = zs[s:e].float().clone() if zs.dtype == torch.float32 else zs[s:e].float()
-            loss[s:e] = row_fn(z, zt[s:e].float(), need_grad)
-            if need_grad:
-                grad[s:e] = z if reduction == "none" else z.mul_(scale[s:e, None])
-        loss = loss * valid
+        loss, grad = logits_distill_fwd(zs, zt, valid, row_fn, reduction, chunk, ctx.needs_input_grad[0])
         ctx.reduction = reduction
         ctx.save_for_backward(grad, valid)
-        if reduction == "none":
-            return loss
-        return loss.sum() / n_valid.clamp(min=1) if reduction == "mean" else loss.sum()
+        return loss
 
     @staticmethod
     def backward(ctx, g):
         grad, valid = ctx.saved_tensors
-        if ctx.reduction == "none":
-            return grad * (g.float() * valid)[:, None].to(grad.dtype), None, None, None, None, None
-        return grad * g.to(grad.dtype), None, None, None, None, None
+        return logits_distill_bwd(grad, valid, g, ctx.reduction), None, None, None, None, None
+
+
+def check_logits_distill_args(student_logits, teacher_logits, mask, kind, beta, temperature, reduction, chunk_size):
+    """Assert the preconditions of ``distill_loss``; -> (valid ``(N,)`` bool, chunk size)."""
+    assert student_logits.shape == teacher_logits.shape and student_logits.dim() == 2, (
+        f"logits must both be (N, V), got {tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}"
+    )
+    assert reduction in ("mean", "sum", "none"), f"reduction must be mean|sum|none, got {reduction!r}"
+    assert mask is None or mask.shape == (student_logits.shape[0],), f"mask must be ({student_logits.shape[0]},)"
+    assert temperature > 0, f"temperature must be > 0, got {temperature}"
+    resolve_kind(kind, beta)
+    N, V = student_logits.shape
+    valid = torch.ones(N, dtype=torch.bool, device=student_logits.device) if mask is None else mask.bool()
+    return valid, chunk_size or max(16, min(N, (1 << 22) // max(V, 1)))
+
+
+def logits_row_fn(kind, beta, temperature, rows=None):
+    rows = rows or distill_rows
+    return lambda z, zt, grad: rows(z, zt, kind, beta, temperature, grad)
 
 
 def distill_loss(
@@ -151,19 +181,7 @@ def distill_loss(
     rows=None,
 ) -> torch.Tensor:
     """Same losses on given logits ``(N, V)`` (student differentiable, teacher detached), chunked rows."""
-    assert student_logits.shape == teacher_logits.shape and student_logits.dim() == 2, (
-        f"logits must both be (N, V), got {tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}"
-    )
-    assert reduction in ("mean", "sum", "none"), f"reduction must be mean|sum|none, got {reduction!r}"
-    assert mask is None or mask.shape == (student_logits.shape[0],), f"mask must be ({student_logits.shape[0]},)"
-    assert temperature > 0, f"temperature must be > 0, got {temperature}"
-    resolve_kind(kind, beta)
-    rows = rows or distill_rows
-    N, V = student_logits.shape
-    valid = torch.ones(N, dtype=torch.bool, device=student_logits.device) if mask is None else mask.bool()
-    chunk = chunk_size or max(16, min(N, (1 << 22) // max(V, 1)))
-
-    def row_fn(z, zt, grad):
-        return rows(z, zt, kind, beta, temperature, grad)
-
-    return _LogitsDistill.apply(student_logits, teacher_logits.detach(), valid, row_fn, reduction, chunk)
+    valid, chunk = check_logits_distill_args(student_logits, teacher_logits, mask, kind, beta, temperature,
+                                             reduction, chunk_size)
+    return _LogitsDistill.apply(student_logits, teacher_logits.detach(), valid,
+                                logits_row_fn(kind, beta, temperature, rows), reduction, chunk)

@@ -1,14 +1,19 @@
 """Torch reference for MoE dispatch: permute tokens by expert, grouped expert MLP, weighted combine.
 
-Layout. The permuted buffer holds one row per (token, slot) pair, grouped by expert in token order, each
-expert's segment zero-padded to a multiple of ``routing.block`` rows. The buffer is thus ``nb`` blocks of
-``block`` rows and block ``b`` belongs to expert ``block_expert[b]`` -- a grouped GEMM is one batched GEMM
-over blocks (``torch.bmm`` here; one Triton program per block tile on GPU, as vLLM's fused MoE does).
-With ``block = None`` the block is the largest expert's token count, so every expert is one block: the
-grouped GEMM is a single ``torch.bmm`` over ``(E, C, D)`` with the weights as they are (fast on CPU).
+Layout. The permuted buffer holds exactly one row per (token, slot) pair, ``R = T * K`` rows, sorted by
+expert (token order within an expert) with no padding: expert ``e`` owns rows ``offsets[e]:offsets[e+1]``.
+Every shape is thus known from ``T``, ``K`` and ``E`` alone; only the segment boundaries depend on the
+router. A grouped GEMM multiplies each segment by its own expert's weight in place -- no row is padded to
+the busiest expert and no weight is gathered or copied (an idle expert's segment is empty and its weight
+gradient zero).
 
-No function here loops over experts in Python. Scatters write each row once and the reductions
+The segment GEMMs are ``torch.nn.functional.grouped_mm`` (one call over all experts) where it accepts the
+operands -- 16-byte-aligned rows, i.e. feature sizes a multiple of 4 (fp32) / 8 (bf16); on CUDA bf16 only --,
+else a loop of ``mm`` over ``torch.split`` segments (views; no copies). Scatters write each row once and the reductions
 (combine; the permute's backward) sum a token's K rows in slot order, so results are deterministic.
+
+The forward/backward helpers (``*_fwd``, ``*_bwd``) are shared by this module's autograd Functions (the
+differentiable reference) and by the ``moeflow::`` custom ops of ``kernels.ops``.
 """
 
 from __future__ import annotations
@@ -20,184 +25,222 @@ import torch.nn.functional as F
 
 
 class MoeRouting(NamedTuple):
-    """Where each (token, slot) lives in the permuted buffer.
+    """Where each (token, slot) lives in the expert-sorted buffer.
 
     rows: ``(T, K)`` int64, row of slot (t, k); row_slot: ``(R,)`` int64, slot ``t*K + k`` held by each row
-    (``T*K`` for pad rows); block_expert: ``(nb,)`` int64 expert of each block (non-decreasing); block:
-    rows per block; counts: ``(E,)`` int64 real (unpadded) rows per expert.
+    (``R = T*K``; the inverse permutation of ``rows``); offsets: ``(E + 1,)`` int64, expert e's rows are
+    ``offsets[e]:offsets[e+1]``.
     """
 
     rows: torch.Tensor
     row_slot: torch.Tensor
-    block_expert: torch.Tensor
-    block: int
-    counts: torch.Tensor
+    offsets: torch.Tensor
 
     @property
     def num_rows(self) -> int:
-        return self.block_expert.numel() * self.block
+        return self.row_slot.numel()
 
     @property
     def num_experts(self) -> int:
-        return self.counts.numel()
+        return self.offsets.numel() - 1
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``(E,)`` int64 rows (tokens) per expert."""
+        return self.offsets.diff()
 
 
-def moe_routing(topk_idx: torch.Tensor, num_experts: int, block: int | None = None) -> MoeRouting:
-    """Sort the (token, slot) pairs by expert (stable: token order within an expert) into blocks.
-
-    topk_idx ``(T, K)`` integer. block: rows per block (each expert's segment is padded to a multiple of
-    it); None = one block per expert sized to the busiest expert.
-    """
-    assert topk_idx.dim() == 2, f"topk_idx must be (T, K), got {tuple(topk_idx.shape)}"
-    assert not topk_idx.is_floating_point(), f"topk_idx must be integer, got {topk_idx.dtype}"
+def routing_tensors(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, row_slot, offsets) of ``MoeRouting`` for topk_idx ``(T, K)`` (stable sort by expert)."""
     flat = topk_idx.reshape(-1).long()
     counts = torch.bincount(flat, minlength=num_experts)
     assert counts.numel() == num_experts, f"topk_idx holds expert ids >= num_experts={num_experts}"
-    if block is None:
-        block = max(int(counts.max()) if flat.numel() else 1, 1)
-    assert block >= 1, f"block must be >= 1, got {block}"
+    assert flat.numel() == 0 or int(flat.min()) >= 0, "topk_idx holds negative expert ids"
     order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order]
-    seg_blocks = (counts + block - 1) // block
-    seg_start = (torch.cumsum(seg_blocks, 0) - seg_blocks) * block  # first row of each expert
-    rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_e]
     rows = torch.empty_like(flat)
-    rows[order] = seg_start[sorted_e] + rank
-    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), seg_blocks)
-    row_slot = torch.full((block_expert.numel() * block,), flat.numel(), dtype=torch.long, device=flat.device)
-    row_slot[rows] = torch.arange(flat.numel(), device=flat.device)
-    return MoeRouting(rows.view(topk_idx.shape), row_slot, block_expert, block, counts)
+    rows[order] = torch.arange(flat.numel(), device=flat.device)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return rows.view(topk_idx.shape), order, offsets
 
 
+def moe_routing(topk_idx: torch.Tensor, num_experts: int) -> MoeRouting:
+    """Sort the (token, slot) pairs by expert (stable: token order within an expert), no padding."""
+    assert topk_idx.dim() == 2, f"topk_idx must be (T, K), got {tuple(topk_idx.shape)}"
+    assert not topk_idx.is_floating_point(), f"topk_idx must be integer, got {topk_idx.dtype}"
+    return MoeRouting(*routing_tensors(topk_idx, num_experts))
+
+
+# --------------------------------------------------------------------------------- segment GEMMs
+def _gmm_ok(*ts: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes these operands: CPU, or CUDA bf16 on sm_80+; 16-byte aligned data and
+    strides (none 0: broadcast)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    dev = ts[0].device
+    if dev.type == "cuda" and (ts[0].dtype != torch.bfloat16 or torch.cuda.get_device_capability(dev) < (8, 0)):
+        return False  # CUDA's grouped_mm: bf16 on sm_80+
+    if dev.type not in ("cpu", "cuda"):
+        return False
+    for t in ts:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s == 0 or (s != 1 and (s * size) % 16) for s in t.stride()):
+            return False
+    return True
+
+
+def _sizes(offsets: torch.Tensor) -> list[int]:
+    return offsets.diff().tolist()
+
+
+def segment_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, transpose_w: bool = True) -> torch.Tensor:
+    """Per segment e of a's rows: ``a_e @ w[e].T`` (transpose_w; w ``(E, N, Kd)``) or ``a_e @ w[e]``
+    (w ``(E, Kd, N)``)."""
+    b = w.transpose(1, 2) if transpose_w else w
+    if a.shape[0] and _gmm_ok(a, b):
+        return F.grouped_mm(a, b, offs=offsets[1:].to(torch.int32))
+    parts = [seg @ b[e] for e, seg in enumerate(a.split(_sizes(offsets)))]
+    return torch.cat(parts) if parts else a.new_zeros(0, b.shape[2])
+
+
+def segment_dw(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``dW[e] = dy_e^T x_e`` per segment -> ``(E, Dout, Din)`` in x.dtype (zero for an idle expert)."""
+    E = offsets.numel() - 1
+    # CPU: F.grouped_mm's 2-D x 2-D (offsets on K) form measured 20x slower than this loop with 2 threads on a
+    # busy machine (equal on 1 thread), so it is used on CUDA only.
+    if dy.shape[0] and dy.device.type == "cuda" and _gmm_ok(dy.t(), x):
+        return F.grouped_mm(dy.t(), x, offs=offsets[1:].to(torch.int32))
+    if not dy.shape[0]:
+        return x.new_zeros(E, dy.shape[1], x.shape[1])
+    return torch.stack([g.t() @ s for g, s in zip(dy.split(_sizes(offsets)), x.split(_sizes(offsets)), strict=True)])
+
+
+# ---------------------------------------------------------------------------- permute and combine
+def permute_fwd(x: torch.Tensor, row_slot: torch.Tensor, K: int) -> torch.Tensor:
+    """x_perm[r] = x[row_slot[r] // K] -- a gather."""
+    return x.index_select(0, row_slot // K)
+
+
+def permute_bwd(dx_perm: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """dx[t] = sum_k dx_perm[rows[t, k]] (slot order) -- a gather, no atomics."""
+    T, K = rows.shape
+    return dx_perm.index_select(0, rows.reshape(-1)).view(T, K, -1).sum(1)
+
+
+def combine_fwd(y_perm: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k w[t,k] y[rows[t,k]] (fp32 accumulation, slot order), in y's dtype."""
+    T, K = rows.shape
+    y_tk = y_perm.index_select(0, rows.reshape(-1)).view(T, K, -1)
+    return (weight.float().unsqueeze(-1) * y_tk).sum(1).to(y_perm.dtype)
+
+
+def combine_bwd(dout, y_perm, rows, row_slot, weight, need_dy: bool = True, need_dw: bool = True):
+    """dy[r] = w[slot] dout[t] for the slot (t, k) held by row r; dw[t,k] = <dout[t], y[rows[t,k]]>."""
+    T, K = rows.shape
+    D = y_perm.shape[1]
+    dout32 = dout.float()
+    dy = dw = None
+    if need_dy:
+        dy_slots = (weight.float().unsqueeze(-1) * dout32.unsqueeze(1)).view(T * K, D).to(y_perm.dtype)
+        dy = dy_slots.index_select(0, row_slot)
+    if need_dw:
+        y_tk = y_perm.index_select(0, rows.reshape(-1)).view(T, K, D)
+        dw = (y_tk * dout32.unsqueeze(1)).sum(-1).to(weight.dtype)
+    return dy, dw
+
+
+# ------------------------------------------------------------------------------- expert SwiGLU MLP
+def swiglu_mlp_fwd(x, w_gate, w_up, w_down, offsets):
+    """Per segment of expert e: g = x Wg^T, u = x Wu^T, y = (silu(g) u) Wd^T -> (y, g, u)."""
+    g = segment_mm(x, w_gate, offsets)
+    u = segment_mm(x, w_up, offsets)
+    return segment_mm(F.silu(g) * u, w_down, offsets), g, u
+
+
+def swiglu_mlp_bwd(dy, x, w_gate, w_up, w_down, offsets, g, u):
+    """Backward of ``swiglu_mlp_fwd`` (silu(g) recomputed from the saved g, u):
+    da = dy Wd, dWd = dy^T a, dg = da u silu'(g), du = da silu(g), dx = dg Wg + du Wu, dWg = dg^T x,
+    dWu = du^T x;  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)."""
+    dy = dy.to(x.dtype)  # autocast may hand back an fp32 gradient for a bf16 output
+    s = torch.sigmoid(g)
+    silu = g * s
+    da = segment_mm(dy, w_down, offsets, transpose_w=False)
+    dw_down = segment_dw(dy, silu * u, offsets)
+    du = da * silu
+    dg = da.mul_(u).mul_(s * (1 + g * (1 - s)))
+    dx = segment_mm(dg, w_gate, offsets, transpose_w=False).add_(segment_mm(du, w_up, offsets, transpose_w=False))
+    return dx, segment_dw(dg, x, offsets), segment_dw(du, x, offsets), dw_down
+
+
+# ------------------------------------------------------------------ differentiable reference API
 class _Permute(torch.autograd.Function):
-    # x_perm[r] = x[row_slot[r] // K] (pad rows: 0)  =>  dx[t] = sum_k dx_perm[rows[t, k]]  (slot order)
-    # Both directions are gathers (index_select), never scatters: no zero-filled buffers, no atomics.
     @staticmethod
     def forward(ctx, x, rows, row_slot):
-        x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])  # row T = the zero row pad rows read
         ctx.save_for_backward(rows)
-        return x_ext.index_select(0, row_slot // rows.shape[1])
+        return permute_fwd(x, row_slot, rows.shape[1])
 
     @staticmethod
     def backward(ctx, dx_perm):
         (rows,) = ctx.saved_tensors
-        T, K = rows.shape
-        return dx_perm.index_select(0, rows.reshape(-1)).view(T, K, -1).sum(1), None, None
+        return permute_bwd(dx_perm, rows), None, None
 
 
 def moe_permute(x: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
-    """x ``(T, D)`` -> x_perm ``(routing.num_rows, D)``: each token copied to its K rows, pad rows zero."""
+    """x ``(T, D)`` -> x_perm ``(T*K, D)``: each token copied to its K expert-sorted rows."""
     return _Permute.apply(x, routing.rows, routing.row_slot)
 
 
 class _Combine(torch.autograd.Function):
-    # out[t] = sum_k w[t,k] y[rows[t,k]]          (fp32 accumulation, slot order)
-    # dy[r] = w[slot] dout[t] for the slot (t, k) held by row r (pad rows: 0);  dw[t,k] = <dout[t], y[rows[t,k]]>
     @staticmethod
     def forward(ctx, y_perm, rows, row_slot, weight):
-        T, K = rows.shape
-        y_tk = y_perm.index_select(0, rows.reshape(-1)).view(T, K, -1)
-        out = (weight.float().unsqueeze(-1) * y_tk).sum(1)  # fp32 (promoted), K summed in slot order
-        ctx.save_for_backward(y_tk, row_slot, weight)
-        return out.to(y_perm.dtype)
+        ctx.save_for_backward(y_perm, rows, row_slot, weight)
+        return combine_fwd(y_perm, rows, weight)
 
     @staticmethod
     def backward(ctx, dout):
-        y_tk, row_slot, weight = ctx.saved_tensors
-        T, K, D = y_tk.shape
-        dout32 = dout.float()
-        dy = dw = None
-        if ctx.needs_input_grad[0]:
-            dy_slots = (weight.float().unsqueeze(-1) * dout32.unsqueeze(1)).view(T * K, D).to(y_tk.dtype)
-            dy = torch.cat([dy_slots, dy_slots.new_zeros(1, D)]).index_select(0, row_slot)
-        if ctx.needs_input_grad[3]:
-            dw = (y_tk * dout32.unsqueeze(1)).sum(-1).to(weight.dtype)
+        y_perm, rows, row_slot, weight = ctx.saved_tensors
+        dy, dw = combine_bwd(dout, y_perm, rows, row_slot, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
         return dy, None, None, dw
 
 
 def moe_combine(y_perm: torch.Tensor, routing: MoeRouting, topk_weight: torch.Tensor) -> torch.Tensor:
-    """y_perm ``(R, D)``, topk_weight ``(T, K)`` -> ``(T, D)`` = sum_k w[t, k] y_perm[rows[t, k]] in y dtype."""
+    """y_perm ``(T*K, D)``, topk_weight ``(T, K)`` -> ``(T, D)`` = sum_k w[t, k] y_perm[rows[t, k]] in y dtype."""
     return _Combine.apply(y_perm, routing.rows, routing.row_slot, topk_weight)
 
 
-def _per_block(w: torch.Tensor, block_expert: torch.Tensor) -> torch.Tensor:
-    """Weights of each block's expert; the tensor itself when blocks are exactly experts 0..E-1."""
-    if block_expert.numel() == w.shape[0]:  # non-decreasing and one per expert => identity
-        return w
-    return w[block_expert]
-
-
-def _per_expert(dw_blocks: torch.Tensor, block_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
-    if block_expert.numel() == num_experts:
-        return dw_blocks
-    return dw_blocks.new_zeros((num_experts, *dw_blocks.shape[1:])).index_add_(0, block_expert, dw_blocks)
-
-
 class _GroupedGemm(torch.autograd.Function):
-    # Per block b of expert e:  y_b = x_b W_e^T.   dx_b = dy_b W_e;   dW_e = sum_{b of e} dy_b^T x_b
+    # Per segment of expert e:  y_e = x_e W_e^T.   dx_e = dy_e W_e;   dW_e = dy_e^T x_e
     @staticmethod
-    def forward(ctx, x, w, block_expert, block):
-        nb = block_expert.numel()
-        y = torch.bmm(x.view(nb, block, -1), _per_block(w, block_expert).transpose(1, 2))
-        ctx.save_for_backward(x, w, block_expert)
-        ctx.block = block
-        return y.view(nb * block, -1)
+    def forward(ctx, x, w, offsets):
+        ctx.save_for_backward(x, w, offsets)
+        return segment_mm(x, w, offsets)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, block_expert = ctx.saved_tensors
-        nb, block = block_expert.numel(), ctx.block
-        dy_b = dy.to(x.dtype).reshape(nb, block, -1)  # autocast may hand back an fp32 gradient
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.bmm(dy_b, _per_block(w, block_expert)).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            dw = _per_expert(torch.bmm(dy_b.transpose(1, 2), x.view(nb, block, -1)), block_expert, w.shape[0])
-        return dx, dw, None, None
+        x, w, offsets = ctx.saved_tensors
+        dy = dy.to(x.dtype)  # autocast may hand back an fp32 gradient
+        dx = segment_mm(dy, w, offsets, transpose_w=False) if ctx.needs_input_grad[0] else None
+        dw = segment_dw(dy, x, offsets) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
     """Per-segment ``y[rows of e] = x[rows of e] @ w[e].T``.
 
-    x: ``(routing.num_rows, Din)``; w: ``(E, Dout, Din)`` (stacked nn.Linear weights) -> ``(R, Dout)``.
+    x: ``(T*K, Din)`` expert-sorted rows; w: ``(E, Dout, Din)`` (stacked nn.Linear weights) -> ``(T*K, Dout)``.
     """
-    return _GroupedGemm.apply(x, w, routing.block_expert, routing.block)
+    return _GroupedGemm.apply(x, w, routing.offsets)
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
-    # Per block of expert e, rows x (B, D):  g = x Wg^T,  u = x Wu^T,  a = silu(g) u,  y = a Wd^T.
-    # Backward (silu(g) and a recomputed from the saved g, u):
-    #   da = dy Wd,  dWd = dy^T a,  dg = da u silu'(g),  du = da silu(g),
-    #   dx = dg Wg + du Wu,  dWg = dg^T x,  dWu = du^T x;   silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, block_expert, block):
-        nb = block_expert.numel()
-        xb = x.view(nb, block, -1)
-        g = torch.bmm(xb, _per_block(w_gate, block_expert).transpose(1, 2))
-        u = torch.bmm(xb, _per_block(w_up, block_expert).transpose(1, 2))
-        a = F.silu(g).mul_(u)
-        y = torch.bmm(a, _per_block(w_down, block_expert).transpose(1, 2))
-        ctx.save_for_backward(x, w_gate, w_up, w_down, block_expert, g, u)
-        ctx.block = block
-        return y.view(x.shape[0], -1)
+    def forward(ctx, x, w_gate, w_up, w_down, offsets):
+        y, g, u = swiglu_mlp_fwd(x, w_gate, w_up, w_down, offsets)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, offsets, g, u)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_gate, w_up, w_down, block_expert, g, u = ctx.saved_tensors
-        dy = dy.to(x.dtype)  # autocast may hand back an fp32 gradient for a bf16 output
-        nb, E = block_expert.numel(), w_gate.shape[0]
-        xb = x.view(nb, ctx.block, -1)
-        dy = dy.reshape(nb, ctx.block, -1)
-        s = torch.sigmoid(g)
-        silu = g * s
-        da = torch.bmm(dy, _per_block(w_down, block_expert))
-        dw_down = _per_expert(torch.bmm(dy.transpose(1, 2), silu * u), block_expert, E)
-        du = da * silu
-        dg = da.mul_(u).mul_(s * (1 + g * (1 - s)))
-        dx = torch.bmm(dg, _per_block(w_gate, block_expert)).baddbmm_(du, _per_block(w_up, block_expert))
-        dw_gate = _per_expert(torch.bmm(dg.transpose(1, 2), xb), block_expert, E)
-        dw_up = _per_expert(torch.bmm(du.transpose(1, 2), xb), block_expert, E)
-        return dx.view(x.shape), dw_gate, dw_up, dw_down, None, None
+        return (*swiglu_mlp_bwd(dy, *ctx.saved_tensors), None)
 
 
 def grouped_swiglu_mlp(
@@ -205,9 +248,9 @@ def grouped_swiglu_mlp(
 ) -> torch.Tensor:
     """Experts' SwiGLU MLP on the permuted rows: ``down_e(silu(gate_e x) * up_e x)`` per segment.
 
-    x_perm ``(R, D)``; w_gate, w_up ``(E, I, D)``; w_down ``(E, D, I)`` -> ``(R, D)`` (pad rows stay 0).
+    x_perm ``(T*K, D)``; w_gate, w_up ``(E, I, D)``; w_down ``(E, D, I)`` -> ``(T*K, D)``.
     """
-    return _GroupedSwiGLU.apply(x_perm, w_gate, w_up, w_down, routing.block_expert, routing.block)
+    return _GroupedSwiGLU.apply(x_perm, w_gate, w_up, w_down, routing.offsets)
 
 
 def moe_ffn(
@@ -222,13 +265,8 @@ def moe_ffn(
 
     x ``(T, D)``; topk_idx ``(T, K)`` int64; topk_weight ``(T, K)`` fp32 or x.dtype;
     w_gate, w_up ``(E, I, D)``; w_down ``(E, D, I)`` -> ``(T, D)`` in x.dtype.
-    One block per expert (a single bmm per projection) unless the padding would more than double the
-    rows (a badly unbalanced router); then blocks of 64 rows bound the padding.
     """
-    E = w_gate.shape[0]
-    routing = moe_routing(topk_idx, E)
-    if routing.num_rows > 2 * topk_idx.numel() + 64 * E:
-        routing = moe_routing(topk_idx, E, block=64)
+    routing = moe_routing(topk_idx, w_gate.shape[0])
     y = grouped_swiglu_mlp(moe_permute(x, routing), routing, w_gate, w_up, w_down)
     return moe_combine(y, routing, topk_weight)
 

@@ -1,7 +1,7 @@
 """MoE weighted un-permute / combine in Triton (deterministic: no atomics, slot-order fp32 sums).
 
 Forward, per token: ``out[t] = sum_k w[t, k] y[rows[t, k]]``.
-Backward: ``dy[r] = w[slot] dout[slot // K]`` for the slot held by row r (0 for pad rows) -- a gather;
+Backward: ``dy[r] = w[slot] dout[slot // K]`` for the slot held by row r -- a gather;
 ``dw[t, k] = <dout[t], y[rows[t, k]]>`` -- a row-wise dot product.
 """
 
@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.moe import MoeRouting
-from ._common import check_contiguous, next_pow2, tl_dtype_ok
+from ._common import check_contiguous, next_pow2
 
 
 @triton.jit
@@ -98,24 +97,3 @@ def combine_bwd(dout, y, rows, row_slot, w, need_dy, need_dw):
             _combine_bwd_dw[(triton.cdiv(T * K, BS),)](dout, y, rows, dw, T * K, D, K, BLOCK_S=BS,
                                                        BLOCK_D=min(next_pow2(D), 128))
     return dy, dw
-
-
-class CombineFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, rows, row_slot, w):
-        y, w = y.contiguous(), w.contiguous()
-        ctx.save_for_backward(y, rows, row_slot, w)
-        return combine_fwd(y, rows, w)
-
-    @staticmethod
-    def backward(ctx, dout):
-        y, rows, row_slot, w = ctx.saved_tensors
-        dy, dw = combine_bwd(dout.contiguous(), y, rows, row_slot, w, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
-        return dy, None, None, dw
-
-
-def moe_combine(y_perm: torch.Tensor, routing: MoeRouting, topk_weight: torch.Tensor) -> torch.Tensor:
-    """y_perm ``(R, D)`` fp32/bf16, topk_weight ``(T, K)`` -> ``(T, D)`` = sum_k w[t,k] y_perm[rows[t,k]]."""
-    tl_dtype_ok(y_perm, "y_perm")
-    assert topk_weight.shape == routing.rows.shape, "topk_weight must be (T, K) like routing.rows"
-    return CombineFunction.apply(y_perm, routing.rows.contiguous(), routing.row_slot.contiguous(), topk_weight)

@@ -1,7 +1,7 @@
 """MoE token permutation (group tokens by expert) in Triton.
 
-Forward, a gather per permuted row r: ``x_perm[r] = x[row_slot[r] // K]``, 0 for pad rows
-(``row_slot[r] == T*K``). Backward, a gather-sum per token in slot order (deterministic, no atomics):
+Forward, a gather per permuted row r of the ``T*K`` expert-sorted rows: ``x_perm[r] = x[row_slot[r] // K]``
+(no pad rows). Backward, a gather-sum per token in slot order (deterministic, no atomics):
 ``dx[t] = sum_k dx_perm[rows[t, k]]``.
 """
 
@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.moe import MoeRouting
-from ._common import check_contiguous, next_pow2, tl_dtype_ok
+from ._common import check_contiguous, next_pow2
 
 
 @triton.jit
@@ -68,22 +67,3 @@ def permute_bwd(dxp: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if T:
         _permute_bwd[(triton.cdiv(T, BT), triton.cdiv(D, BD))](dxp, rows, dx, T, D, K=K, BLOCK_T=BT, BLOCK_D=BD)
     return dx
-
-
-class PermuteFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, rows, row_slot):
-        ctx.save_for_backward(rows)
-        return permute_fwd(x.contiguous(), row_slot, rows.shape[1])
-
-    @staticmethod
-    def backward(ctx, dxp):
-        (rows,) = ctx.saved_tensors
-        return permute_bwd(dxp.contiguous(), rows), None, None
-
-
-def moe_permute(x: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
-    """x ``(T, D)`` fp32/bf16 -> ``(routing.num_rows, D)``, each token at its K rows, pad rows 0."""
-    tl_dtype_ok(x, "x")
-    assert x.dim() == 2 and x.shape[0] == routing.rows.shape[0], "x must be (T, D) with T = routing's tokens"
-    return PermuteFunction.apply(x, routing.rows.contiguous(), routing.row_slot.contiguous())

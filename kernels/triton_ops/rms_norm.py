@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_contiguous, next_pow2, tl_dtype_ok
+from ._common import check_contiguous, next_pow2
 
 
 @triton.jit
@@ -92,34 +92,3 @@ def rms_norm_bwd(dy, ds_out, s, weight, rstd):
         HAS_DS=ds_out is not None, BLOCK_R=BR, BLOCK_D=next_pow2(D),
     )
     return dx, dw_part.sum(0)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, residual):
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1]).contiguous()
-        r2d = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
-        y, s, rstd = rms_norm_fwd(x2d, weight.contiguous(), eps, r2d)
-        s_saved = s if s is not None else x2d
-        ctx.save_for_backward(s_saved, weight, rstd)
-        ctx.has_res, ctx.shape = residual is not None, shape
-        if residual is None:
-            return y.view(shape)
-        return y.view(shape), s.view(shape)
-
-    @staticmethod
-    def backward(ctx, dy, ds_out=None):
-        s, weight, rstd = ctx.saved_tensors
-        D = ctx.shape[-1]
-        dy2d = dy.reshape(-1, D).contiguous()
-        ds2d = ds_out.reshape(-1, D).contiguous() if ds_out is not None else None
-        dx, dw = rms_norm_bwd(dy2d, ds2d, s, weight.contiguous(), rstd)
-        dx = dx.view(ctx.shape)
-        return dx, dw.to(weight.dtype), None, (dx if ctx.has_res else None)
-
-
-def rms_norm(x, weight, eps, residual=None):
-    """x ``(..., D)`` fp32/bf16, weight ``(D,)``, residual like x or None -> y or (y, x + residual)."""
-    tl_dtype_ok(x, "x")
-    return RMSNormFunction.apply(x, weight, eps, residual)

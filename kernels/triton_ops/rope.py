@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_contiguous, next_pow2, tl_dtype_ok
+from ._common import check_contiguous, next_pow2
 
 
 @triton.jit
@@ -32,7 +32,8 @@ def _rope_kernel(X, COS, SIN, Y, n_rows, T, HALF, SIGN: tl.constexpr, BLOCK_R: t
     tl.store(Y + base + 1, (x1 * c + x0 * s).to(Y.dtype.element_ty), mask=mask)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x ``(..., T, D)`` contiguous, cos/sin ``(T, D // 2)`` fp32 -> x rotated by ``sign`` times the angles."""
     check_contiguous(x=x, cos=cos, sin=sin)
     T, D = x.shape[-2], x.shape[-1]
     y = torch.full_like(x, float("nan"))
@@ -42,24 +43,3 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) ->
     BR = max(1, min(64, 2048 // BH))
     _rope_kernel[(triton.cdiv(n_rows, BR),)](x, cos, sin, y, n_rows, T, half, SIGN=sign, BLOCK_R=BR, BLOCK_H=BH)
     return y
-
-
-class RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        cos, sin = cos.contiguous(), sin.contiguous()
-        ctx.save_for_backward(cos, sin)
-        return _rope(x.contiguous(), cos, sin, 1.0)
-
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        return _rope(dy.contiguous(), cos, sin, -1.0), None, None
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``(..., T, D)`` fp32/bf16 (D even); cos, sin ``(T, D // 2)`` fp32 -> rotated x, same layout."""
-    tl_dtype_ok(x, "x")
-    assert x.shape[-1] % 2 == 0, f"rope dim must be even, got {x.shape[-1]}"
-    assert cos.shape == sin.shape == (x.shape[-2], x.shape[-1] // 2), "cos/sin must be (T, D // 2)"
-    return RopeFunction.apply(x, cos, sin)

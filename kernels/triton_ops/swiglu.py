@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_contiguous, tl_dtype_ok
+from ._common import check_contiguous
 
 BLOCK = 1024
 
@@ -54,23 +54,3 @@ def swiglu_bwd(dy, gate, up):
     n = gate.numel()
     _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dy, gate, up, dg, du, n, BLOCK=BLOCK)
     return dg, du
-
-
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
-        ctx.save_for_backward(gate, up)
-        return swiglu_fwd(gate, up)
-
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
-        return swiglu_bwd(dy.contiguous(), gate, up)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up ``(..., I)`` fp32/bf16, same shape and dtype -> ``silu(gate) * up``."""
-    tl_dtype_ok(gate, "gate")
-    assert gate.shape == up.shape and gate.dtype == up.dtype, "gate and up must have the same shape and dtype"
-    return SwiGLUFunction.apply(gate, up)

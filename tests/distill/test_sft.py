@@ -9,6 +9,7 @@ import torch
 
 import kernels
 from components.common.config import OptimConfig
+from components.model.compile import compile_model
 from components.sft.sft import (
     IGNORE_INDEX,
     DistillLossConfig,
@@ -161,3 +162,20 @@ def test_mixed_rows_follow_every_batch_and_train_on_all_their_tokens():
     assert sorted(seen) == sorted([100 + 9 * i for i in range(5)] * 2)
     with pytest.raises(ValueError, match="mix_rows"):
         next(batches(seqs, cfg, pad_id=2, mix_rows=None))
+
+
+def test_compiled_student_distils_like_the_eager_one(tok, examples, make_model):
+    """`compile: true` (distillation stage): the student's hidden_states compiled (aot_eager: the graphs
+    inductor would get); logit-distillation steps give the eager losses."""
+    teacher = make_model(seed=5)
+    cfg = SFTConfig(seq_len=64, batch_size=4, max_steps=2)
+    metrics = []
+    for compiled in (False, True):
+        student = make_model(seed=6)
+        if compiled:
+            compile_model(student, backend="aot_eager")
+        metrics.append(sft_train(student, tok, examples[:16], cfg, teacher=teacher,
+                                 distill_cfg=DistillLossConfig(kd_weight=1.0)))
+    eager, compiled = metrics
+    for key in ("loss", "kd"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key

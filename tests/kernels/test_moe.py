@@ -1,9 +1,11 @@
-"""MoE dispatch: reference vs a per-expert loop; Triton permute / grouped GEMM / combine vs the reference."""
+"""MoE dispatch: reference vs a per-expert loop and vs the previous padded layout (idle experts, one busy
+expert); Triton permute / grouped GEMM / combine vs the reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels import reference as ref
@@ -44,28 +46,80 @@ def test_reference_matches_per_expert_loop(seed, skew):
     check_outputs(NAMES, got, want, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("block", [None, 1, 16])
-def test_routing_places_every_slot_once_grouped_by_expert(seed, block):
+def test_routing_places_every_slot_once_sorted_by_expert_without_padding(seed):
     T, K, E = 29, 3, 7
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
-    r = ref.moe_routing(idx, E, block=block)
-    assert r.num_rows % r.block == 0 and r.rows.unique().numel() == T * K
-    row_expert = r.block_expert.repeat_interleave(r.block)
-    assert torch.equal(row_expert[r.rows], idx), "each slot must sit in a block of its expert"
-    slots = torch.arange(T * K)
-    assert torch.equal(r.row_slot[r.rows.reshape(-1)], slots)
-    assert (r.row_slot == T * K).sum() == r.num_rows - T * K  # the rest are pad rows
-    assert torch.equal(r.counts, torch.bincount(idx.reshape(-1), minlength=E))
+    for r in (ref.moe_routing(idx, E), kernels.moe_routing(idx, E)):
+        assert r.num_rows == T * K and r.rows.unique().numel() == T * K  # exactly the routed rows, no pad rows
+        row_expert = torch.repeat_interleave(torch.arange(E), r.counts)
+        assert torch.equal(row_expert[r.rows], idx), "each slot must sit in its expert's segment"
+        assert torch.equal(r.row_slot[r.rows.reshape(-1)], torch.arange(T * K))
+        assert torch.equal(r.counts, torch.bincount(idx.reshape(-1), minlength=E))
+        assert r.offsets[0] == 0 and r.offsets[-1] == T * K
+        for e in range(E):  # token order within an expert (stable)
+            seg = r.row_slot[r.offsets[e]:r.offsets[e + 1]]
+            assert torch.equal(seg, seg.sort().values)
 
 
-def test_reference_switches_to_blocks_when_the_router_is_unbalanced(seed):
-    T, K, E = 300, 2, 64
-    idx = torch.stack([torch.tensor([0, 1 + t % 63]) for t in range(T)])  # expert 0 takes every token
-    assert ref.moe_routing(idx, E).num_rows == E * T  # one block per expert would be E x larger
-    x, _, w, ws = _problem(T, K, E, 8, 4, torch.float32)
-    g = torch.randn(T, 8)
-    check_outputs(NAMES, _run(ref.moe_ffn, x, idx, w, ws, g), _run(ref.moe_ffn_loop, x, idx, w, ws, g),
-                  TOL[torch.float32])
+def _padded_previous(x, idx, w, w_gate, w_up, w_down):
+    """The previous layout, as an oracle: every expert's rows zero-padded to the busiest expert's count and
+    one ``torch.bmm`` per projection over ``(E, C, D)``; plain autograd."""
+    T, K = idx.shape
+    E, D = w_gate.shape[0], x.shape[1]
+    flat = idx.reshape(-1)
+    counts = torch.bincount(flat, minlength=E)
+    C = max(int(counts.max()), 1)
+    order = torch.argsort(flat, stable=True)
+    e_sorted = flat[order]
+    pos = e_sorted * C + torch.arange(T * K) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+    xb = x.new_zeros(E * C, D).index_copy(0, pos, x[order // K]).view(E, C, D)
+    h = F.silu(torch.bmm(xb, w_gate.transpose(1, 2))) * torch.bmm(xb, w_up.transpose(1, 2))
+    y_sorted = torch.bmm(h, w_down.transpose(1, 2)).view(E * C, D)[pos]
+    y_slots = y_sorted.index_select(0, torch.argsort(order)).view(T, K, D)
+    return (w.float().unsqueeze(-1) * y_slots).sum(1).to(x.dtype)
+
+
+def _idle_and_busy(T, K, E, case):
+    if case == "idle":  # half of the experts get no token
+        return torch.stack([torch.randperm(E // 2)[:K] for _ in range(T)])
+    if case == "one_busy":  # a single expert takes every token, all others idle
+        return torch.full((T, K), 3)
+    return torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", ["balanced", "idle", "one_busy"])
+def test_unpadded_moe_equals_the_previous_padded_layout(seed, case, backend):
+    T, E, D, I = 23, 8, 24, 16
+    K = 1 if case == "one_busy" else 3
+    x, _, w, ws = _problem(T, K, E, D, I, torch.float32)
+    idx = _idle_and_busy(T, K, E, case)
+    g = torch.randn(T, D)
+    kernels.set_backend(backend)
+    try:
+        got = _run(kernels.moe_ffn, x, idx, w, ws, g)
+    finally:
+        kernels.set_backend(None)
+    check_outputs(NAMES, got, _run(_padded_previous, x, idx, w, ws, g), TOL[torch.float32])
+    if case != "balanced":
+        idle = torch.bincount(idx.reshape(-1), minlength=E) == 0
+        for name, dw in zip(NAMES[3:], got[3:], strict=True):
+            assert not dw[idle].any(), f"{name}: an idle expert's weight gradient must be exactly zero"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_mm_and_segment_loop_agree(seed, dtype, monkeypatch):
+    """The reference multiplies segments with F.grouped_mm when it takes the operands, else a loop of mm."""
+    T, K, E, D, I = 37, 2, 6, 32, 16  # widths a multiple of 8: F.grouped_mm's path
+    x, _, w, ws = _problem(T, K, E, D, I, dtype)
+    idx = _idle_and_busy(T, K, E, "idle")
+    g = torch.randn(T, D)
+    fast = _run(ref.moe_ffn, x, idx, w, ws, g)
+    monkeypatch.setattr(ref.moe, "_gmm_ok", lambda *ts: False)
+    loop = _run(ref.moe_ffn, x, idx, w, ws, g)
+    tol = TOL[torch.float32] if dtype == torch.float32 else Tol(dtype, atol=2e-2, rtol=2e-2)
+    for name, a, b in zip(NAMES, fast, loop, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol.atol, rtol=tol.rtol, msg=name)
 
 
 @pytest.mark.parametrize("skew", [False, True], ids=["balanced", "skewed"])
@@ -84,13 +138,11 @@ def test_triton_moe_ffn_matches_reference(seed, dtype, skew, both):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_grouped_gemm_matches_reference(seed, dtype, both):
-    T, K, E, Din, Dout = 9, 2, 4, 41, 34
-    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
-    idx[:, 0] = 1  # expert 1 gets two row blocks, some expert may get none
-    routing = ref.moe_routing(idx, E, block=16)
-    x = torch.randn(routing.num_rows, Din)
-    x[routing.row_slot == T * K] = 0  # pad rows are zero, as moe_permute makes them
-    x = x.to(dtype).requires_grad_()
+    T, K, E, Din, Dout = 19, 2, 5, 41, 34
+    idx = torch.stack([torch.randperm(E - 1)[:K] for _ in range(T)])  # expert E-1 idle
+    idx[:, 0] = 1  # expert 1 gets more than one 16-row tile; tiles end mid-tile at segment ends
+    routing = ref.moe_routing(idx, E)
+    x = torch.randn(routing.num_rows, Din).to(dtype).requires_grad_()
     w = torch.randn(E, Dout, Din).to(dtype).requires_grad_()
     g = torch.randn(routing.num_rows, Dout)
 
@@ -110,7 +162,7 @@ def test_triton_grouped_gemm_matches_reference(seed, dtype, both):
 def test_triton_permute_and_combine_match_reference(seed, both):
     T, K, E, D = 13, 3, 6, 41
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
-    routing = ref.moe_routing(idx, E, block=16)
+    routing = ref.moe_routing(idx, E)
     x = torch.randn(T, D, requires_grad=True)
     y = torch.randn(routing.num_rows, D, requires_grad=True)
     w = torch.rand(T, K, requires_grad=True)
@@ -123,14 +175,13 @@ def test_triton_permute_and_combine_match_reference(seed, both):
 
     got, want = both(run)
     check_outputs(["x_perm", "dx", "combined", "dy_perm", "dtopk_weight"], got, want, TOL[torch.float32])
-    assert not got[0][routing.row_slot == T * K].any(), "pad rows must be zero"
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_combine_and_its_backward_are_deterministic(seed, backend):
     T, K, E, D = 64, 6, 8, 33
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
-    routing = ref.moe_routing(idx, E, block=16)
+    routing = ref.moe_routing(idx, E)
     y = torch.randn(routing.num_rows, D, requires_grad=True)
     w = torch.rand(T, K, requires_grad=True)
     x = torch.randn(T, D, requires_grad=True)

@@ -32,8 +32,10 @@ def test_forward_is_causal(kit):
     ids2[0, 7] = (ids2[0, 7] + 1) % model.cfg.vocab_size
     with torch.no_grad():
         a, b = model(ids), model(ids2)
-    torch.testing.assert_close(a[:, :7], b[:, :7], atol=0, rtol=0)
-    assert not torch.allclose(a[:, 7:], b[:, 7:])
+    # Earlier positions see nothing of token 7; their bits may still move by an ulp: the changed token changes
+    # its experts' segment lengths, and a GEMM's rounding can depend on how many rows it multiplies.
+    torch.testing.assert_close(a[:, :7], b[:, :7], atol=1e-5, rtol=0)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-2
 
 
 def test_tied_head_reads_the_embedding_and_trains_it_once(kit):

@@ -25,7 +25,7 @@ def test_lm_loss_is_cross_entropy_of_the_logits(kit):
     torch.testing.assert_close(out.lm_loss, expected)
     assert out.mtp_loss is None and out.aux_loss is None
     torch.testing.assert_close(out.loss, out.lm_loss)
-    assert out.n_tokens == int((labels != -100).sum())
+    assert int(out.n_tokens) == int((labels != -100).sum())
 
 
 def test_mtp_loss_is_lambda_over_depth_times_the_sum_of_depth_losses(kit):

@@ -1,0 +1,39 @@
+"""``torch.compile`` of the model's training forward passes (the trainers' ``compile: true``).
+
+``compile_model(model)`` replaces, on this instance only, ``compute_loss`` (pretraining, SFT) and
+``hidden_states`` (RL, distillation) by compiled versions: one graph each (``fullgraph``: every kernel is a
+``torch.library`` custom op, so nothing breaks the graph). Generation (``forward_cached``: KV-cache writes,
+data-dependent lengths) stays eager. The compiled methods are bound to the instance with
+``types.MethodType``, so ``copy.deepcopy(model)`` binds them to the copy; parameter names and the state
+dict are untouched (checkpoints do not change).
+
+The backend is ``inductor`` unless ``MOEFLOW_COMPILE_BACKEND`` names another (``aot_eager`` traces the
+same graphs without generating code: what the tests use, being fast).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+
+BACKEND_ENV = "MOEFLOW_COMPILE_BACKEND"
+COMPILED_METHODS = ("compute_loss", "hidden_states")
+
+
+def compile_backend() -> str:
+    return os.environ.get(BACKEND_ENV, "").strip() or "inductor"
+
+
+def compile_model(model: torch.nn.Module, backend: str | None = None, fullgraph: bool = True) -> torch.nn.Module:
+    """Compile ``model``'s training forwards in place (see the module doc); returns the model."""
+    backend = backend or compile_backend()
+    for name in COMPILED_METHODS:
+        fn = torch.compile(getattr(type(model), name), backend=backend, fullgraph=fullgraph)
+        setattr(model, name, types.MethodType(fn, model))
+    return model
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    return all(name in vars(model) for name in COMPILED_METHODS)

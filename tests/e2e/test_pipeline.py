@@ -126,7 +126,7 @@ def test_a_trained_release_answers_through_the_transformers_pipeline(demo):
     from components.scoring.evaluate import format_ok
     from components.tasks import Problem, verify
 
-    dataset = demo["summary"]["stages"]["prep"]["outputs"]["dataset_uri"]
+    dataset = demo["summary"]["stages"]["prep"]["outputs"]["dataset"]
     problems = [Problem.from_dict(r) for r in load_eval_split(dataset.removeprefix("file://"), "arithmetic")[:10]]
     generate = pipeline("text-generation", model=demo["summary"]["releases"]["student"])
     assert type(generate.model).__name__ == "LlamaForCausalLM"  # issue 18: the student is a Llama

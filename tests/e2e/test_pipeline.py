@@ -33,7 +33,7 @@ def demo(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOEFLOW_", "PREFECT_API_URL", "PREFECT_HOME"))}
     env["MOEFLOW_HOME"] = str(home)
     t0 = time.time()
-    proc = moeflow("pipeline", "--preset", "tiny", "--json", env=env, timeout=1800)
+    proc = moeflow("pipeline", "--preset", "tiny", "--json", env=env, timeout=2700)  # ~23 min beside the other worker
     seconds = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-5000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

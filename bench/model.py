@@ -131,6 +131,9 @@ def bench_train(ours, theirs, reps: int, compiled: bool = True) -> dict[str, flo
     labels = torch.cat([ids[:, 1:], torch.full((BATCH, 1), -100)], dim=1)  # ours: already shifted
     ours.train()
     theirs.train()
+    for m in (ours, theirs):  # the MoE-layer benchmark's backward passes left gradients on the layer
+        m.zero_grad(set_to_none=True)
+    ours.reset_expert_counts()
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
     losses = {}

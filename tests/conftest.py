@@ -7,7 +7,8 @@
 - `patch_env`: the `patched_env(**vars)` context manager below (set/unset variables, reload settings).
 - `store_base`: parametrized ["local", "s3"]; yields a base URI in a temporary directory or in a fresh
   bucket, and sets MOEFLOW_STORE_URI to it. A test that takes it runs once per backend.
-- `one_thread`: torch on one thread for the test (autouse in the folders named in ONE_THREAD_DIRS).
+- `one_thread`: torch on one thread for the test (autouse in the folders named in ONE_THREAD_DIRS, and
+  everywhere under pytest-xdist, as `make test` runs).
 - Very small models for the stage tests (distillation, evaluation): `problems` (120 arithmetic problems),
   `tok` (a 300-token BPE on them), `examples` (prompt/completion pairs), `config_of` (`small_config`),
   `make_model(seed, **overrides)`, `publish_model(model, name) -> URI`, `task_file` (a user JSONL of 6
@@ -174,8 +175,12 @@ def pytest_collection_modifyitems(config, items):
     tests_dir = os.path.dirname(__file__)
     top = {id(item): os.path.relpath(str(item.path), tests_dir).split(os.sep)[0] for item in items}
     items.sort(key=lambda item: top[id(item)] not in FIRST_DIRS)  # stable: the order within is kept
+    # Under `make test` (pytest-xdist, 2 workers on 2 cores) every test runs on one thread: the end-to-end
+    # pipeline on one worker trains with one thread a stage (tests/e2e), and a second thread on the other
+    # worker would take its core; 2-thread processes sharing 2 cores stall far more than they gain.
+    everywhere = bool(os.environ.get("PYTEST_XDIST_WORKER"))
     for item in items:
-        if top[id(item)] in ONE_THREAD_DIRS:
+        if everywhere or top[id(item)] in ONE_THREAD_DIRS:
             item.fixturenames.insert(0, "one_thread")
 
 

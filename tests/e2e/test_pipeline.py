@@ -1,8 +1,8 @@
-"""The tiny pipeline end to end, exactly as `make demo` runs it (`moeflow pipeline --preset tiny
---json`): real Prefect (ephemeral API), real job subprocesses, MLflow on SQLite, the local store. Then
-the releases are verified against transformers, a re-run finds every stage done, a stage whose result
-is gone is redone without redoing what came before it, and a user's walk through `moeflow up`'s Prefect
-and MLflow UIs works in headless Chromium (Playwright).
+"""The tiny pipeline end to end, as `make demo` runs it (`moeflow pipeline --preset tiny --json`; under
+`make test` with one thread a stage, see SETS): real Prefect (ephemeral API), real job subprocesses, MLflow
+on SQLite, the local store. Then the releases are verified against transformers, a re-run finds every stage
+done, a stage whose result is gone is redone without redoing what came before it, and a user's walk through
+`moeflow up`'s Prefect and MLflow UIs works in headless Chromium (Playwright).
 """
 
 from __future__ import annotations
@@ -22,6 +22,18 @@ REPO = Path(__file__).resolve().parents[2]
 STAGES = ["prep", "pretrain", "rl", "distill", "eval", "release-teacher", "release-student"]
 
 
+# Under `make test` (pytest-xdist: the other worker runs the other test files on the other core) the stages
+# that default to two threads run on one: two 2-thread processes on 2 cores stall (~23 min for the pipeline
+# beside the other worker, ~11 alone). Threads change only the order of floating-point sums (the stage keys
+# include them); alone (`pytest tests/e2e`) the pipeline runs exactly as `make demo` does.
+SETS = [arg for key in ("rl.threads", "distill.threads") for arg in ("--set", f"{key}=1")] \
+    if os.environ.get("PYTEST_XDIST_WORKER") else []
+
+
+def run_pipeline(env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return moeflow("pipeline", "--preset", "tiny", "--json", *SETS, env=env, timeout=timeout)
+
+
 def moeflow(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -33,7 +45,7 @@ def demo(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOEFLOW_", "PREFECT_API_URL", "PREFECT_HOME"))}
     env["MOEFLOW_HOME"] = str(home)
     t0 = time.time()
-    proc = moeflow("pipeline", "--preset", "tiny", "--json", env=env, timeout=2700)  # ~23 min beside the other worker
+    proc = run_pipeline(env, timeout=2700)
     seconds = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-5000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -142,13 +154,13 @@ def test_rerun_redoes_only_what_is_missing_then_nothing(demo):
     student_release = demo["summary"]["stages"]["release-student"]["outputs"]["release"]
     result = Path(student_release).parent / "RESULT.json"
     result.unlink()  # as if the last stage had failed
-    again = moeflow("pipeline", "--preset", "tiny", "--json", env=demo["env"])
+    again = run_pipeline(demo["env"])
     assert again.returncode == 0, again.stderr[-3000:]
     stages = json.loads(again.stdout.strip().splitlines()[-1])["stages"]
     assert [n for n, st in stages.items() if not st["cached"]] == ["release-student"]
 
     t0 = time.time()
-    third = moeflow("pipeline", "--preset", "tiny", "--json", env=demo["env"])
+    third = run_pipeline(demo["env"])
     assert third.returncode == 0, third.stderr[-3000:]
     assert json.loads(third.stdout.strip().splitlines()[-1])["cached"] is True
     assert time.time() - t0 < 0.2 * demo["seconds"]

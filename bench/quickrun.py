@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+
+from infra.local_services import interrupt_group
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "quickrun_cpu.md"
@@ -85,18 +86,6 @@ def start_up(home: Path, log: Path) -> tuple[subprocess.Popen, str, dict[str, in
                                "--mlflow-port", str(ports["mlflow"])], cwd=REPO, env=env, stdout=out,
                               stderr=subprocess.STDOUT, start_new_session=True)
     return up, f"http://127.0.0.1:{ports['prefect']}/api", ports
-
-
-def stop_up(up: subprocess.Popen) -> None:
-    """Ctrl-C, as a user stops it; the whole process group if it does not exit in a minute."""
-    if up.poll() is not None:
-        return
-    up.send_signal(signal.SIGINT)
-    try:
-        up.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(up.pid, signal.SIGKILL)
-        up.wait(timeout=10)
 
 
 def wait_for(what: str, check: Any, up: subprocess.Popen, timeout_s: float) -> Any:
@@ -184,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"  {row['state']} in {row['seconds']:.0f} s {row['message']}", flush=True)
     finally:
-        stop_up(up)
+        interrupt_group(up)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     head = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit or "unknown",

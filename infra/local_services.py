@@ -64,6 +64,22 @@ def stop_group(proc: subprocess.Popen, timeout_s: float = 20) -> bool:
     return False
 
 
+def interrupt_group(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Ctrl-C, as a user stops `moeflow up` (SIGINT to the leader, which stops its services in order); the
+    whole process group with SIGKILL if the leader has not exited within `timeout_s`."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
 AUTH_FILE_NAME = "prefect-api-auth"
 AUTH_USER = "moeflow"
 # Set on the server (it checks requests) and on every client (it sends the header): Prefect's own names.

@@ -209,9 +209,8 @@ def _wait_for_deployment(api_url: str, auth: str, name: str, up: subprocess.Pope
 def moeflow_up(demo, tmp_path, free_port):
     """`moeflow up` on loopback over the demo's home, as a user starts it: the Prefect UI (auth on), the MLflow
     UI and every deployment served; Ctrl-C (SIGINT) stops it."""
-    import signal
 
-    from infra.local_services import AUTH_FILE_NAME
+    from infra.local_services import AUTH_FILE_NAME, interrupt_group
 
     prefect_port, mlflow_port = free_port(), free_port()
     env = {**demo["env"], "MOEFLOW_PREFECT_UI_URL": f"http://127.0.0.1:{prefect_port}",
@@ -227,12 +226,7 @@ def moeflow_up(demo, tmp_path, free_port):
         _wait_for_deployment(f"{prefect}/api", _read_when_written(auth_file, up), "eval-champion", up)
         yield {"prefect": prefect, "mlflow": f"http://127.0.0.1:{mlflow_port}", "auth_file": auth_file, "log": log}
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait(timeout=10)
+        interrupt_group(up)  # Ctrl-C, as a user stops it
 
 
 def _read_when_written(path: Path, up: subprocess.Popen, timeout_s: float = 120) -> str:

@@ -29,6 +29,20 @@ def randomize_biases(model: Transformer, std: float = 0.1, mean: float = 0.0) ->
             moe.gate.e_score_correction_bias.normal_(mean, std)
 
 
+def train_both(model, hf, ids: torch.Tensor, n_ignored: int):
+    """One training forward and backward of ours and of its transformers twin on the same tokens, the first
+    `n_ignored` targets of row 0 ignored (transformers shifts its labels, ours come shifted); -> (our
+    LossOutput, transformers' loss)."""
+    hf_labels = ids.clone()
+    hf_labels[0, :n_ignored] = -100
+    labels = torch.cat([hf_labels[:, 1:], torch.full((ids.shape[0], 1), -100)], dim=1)
+    out = model.compute_loss(ids, labels)
+    out.loss.backward()
+    hf_loss = hf(ids, labels=hf_labels).loss
+    hf_loss.backward()
+    return out, hf_loss
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """The tensors here are tiny: one intra-op thread avoids OpenMP hand-off costs that dominate them
@@ -41,8 +55,9 @@ def _one_thread():
 
 @pytest.fixture
 def kit():
-    """Helpers the tests share: ``kit.cfg(**overrides)``, ``kit.randomize_biases(model, std, mean)``."""
-    return SimpleNamespace(cfg=small_cfg, randomize_biases=randomize_biases)
+    """Helpers the tests share: ``kit.cfg(**overrides)``, ``kit.randomize_biases(model, std, mean)``,
+    ``kit.train_both(model, hf, ids, n_ignored)``."""
+    return SimpleNamespace(cfg=small_cfg, randomize_biases=randomize_biases, train_both=train_both)
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ def _quiet():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_transformers_directory_loads_with_equal_logits_and_gradients(name, tmp_path):
+def test_transformers_directory_loads_with_equal_logits_and_gradients(name, tmp_path, kit):
     hf = _hf_model(name)
     hf.save_pretrained(tmp_path / "hf")
     model = load_pretrained(tmp_path / "hf")
@@ -89,13 +89,7 @@ def test_transformers_directory_loads_with_equal_logits_and_gradients(name, tmp_
 
     model.train()
     hf.train()
-    hf_labels = ids.clone()
-    hf_labels[0, :4] = -100  # some ignored targets
-    labels = torch.cat([hf_labels[:, 1:], torch.full((2, 1), -100)], dim=1)  # ours: already shifted
-    out = model.compute_loss(ids, labels)
-    out.loss.backward()
-    hf_loss = hf(ids, labels=hf_labels).loss
-    hf_loss.backward()
+    out, hf_loss = kit.train_both(model, hf, ids, n_ignored=4)
     torch.testing.assert_close(out.loss, hf_loss, atol=ATOL, rtol=0)
     assert out.mtp_loss is None and out.aux_loss is None
 

@@ -88,14 +88,7 @@ def test_loss_and_every_gradient_match_transformers(kit, hf_twin):
     hf, _ = hf_twin(model)
     hf.train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 19))
-    hf_labels = ids.clone()
-    hf_labels[0, :5] = -100  # some ignored targets
-    labels = torch.cat([hf_labels[:, 1:], torch.full((2, 1), -100)], dim=1)  # ours: already shifted
-
-    out = model.compute_loss(ids, labels)
-    out.loss.backward()
-    hf_loss = hf(ids, labels=hf_labels).loss
-    hf_loss.backward()
+    out, hf_loss = kit.train_both(model, hf, ids, n_ignored=5)
     torch.testing.assert_close(out.loss, hf_loss, atol=ATOL, rtol=0)
 
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}

@@ -120,22 +120,23 @@ def run_moeflow(s: Setup, seed: int, log_every: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- TRL
-def run_trl(s: Setup, seed: int, log_every: int, workdir: Path) -> dict[str, Any]:
+def build_trl(s: Setup, seed: int, workdir: Path, callbacks=(), log_every: int = 25, evaluate: bool = True):
+    """TRL's `GRPOTrainer` on the exported base with moeflow's prompts, rewards, optimizer and schedule (see
+    the module doc); -> (trainer, the base's held-out pass@k, or None without `evaluate`)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
 
     from components.common.schedule import build_scheduler
-    from components.model.hf import export_hf, load_pretrained
+    from components.model.hf import export_hf
     from components.model.tokens import token_id
     from components.rl.rewards import compute_rewards
-    from components.rl.trainer import warm_rope
     from components.sft.sft import make_optimizer
 
     cfg, g = s.cfg, s.cfg.grpo
     base = s.base()
-    before = heldout_eval(base, s.tokenizer, s.heldout, cfg)
+    before = heldout_eval(base, s.tokenizer, s.heldout, cfg) if evaluate else None
     hf_dir = workdir / f"hf-base-{seed}"
     export_hf(base, hf_dir, tokenizer_dir=s.model_dir)
     del base
@@ -173,6 +174,16 @@ def run_trl(s: Setup, seed: int, log_every: int, workdir: Path) -> dict[str, Any
         max_grad_norm=g.optim.grad_clip, seed=seed, data_seed=seed, use_cpu=True, bf16=False, fp16=False,
         report_to=[], save_strategy="no", logging_steps=log_every, disable_tqdm=True,
         dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
+                          processing_class=tok, optimizers=(optimizer, scheduler), callbacks=list(callbacks))
+    return trainer, before
+
+
+def run_trl(s: Setup, seed: int, log_every: int, workdir: Path) -> dict[str, Any]:
+    from transformers import TrainerCallback
+
+    from components.model.hf import load_pretrained
+    from components.rl.trainer import warm_rope
 
     step_times: list[float] = []
     log_rows: list[dict[str, float]] = []
@@ -189,8 +200,7 @@ def run_trl(s: Setup, seed: int, log_every: int, workdir: Path) -> dict[str, Any
                 log_rows.append({"step": state.global_step, "reward": logs["reward"]})
                 print(f"  trl seed {seed} step {state.global_step}: reward {logs['reward']:.3f}", flush=True)
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
-                          processing_class=tok, optimizers=(optimizer, scheduler), callbacks=[Timer()])
+    trainer, before = build_trl(s, seed, workdir, callbacks=[Timer()], log_every=log_every)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -198,11 +208,78 @@ def run_trl(s: Setup, seed: int, log_every: int, workdir: Path) -> dict[str, Any
     trainer.model.save_pretrained(out)
     trained = load_pretrained(out)
     warm_rope(trained)
-    after = heldout_eval(trained, s.tokenizer, s.heldout, cfg)
+    after = heldout_eval(trained, s.tokenizer, s.heldout, s.cfg)
     rewards = [r["reward"] for r in log_rows]
     return {"before": before, "after": after, "train_seconds": seconds,
             "step_s_median": statistics.median(step_times) if step_times else None,
             "reward_first_log": rewards[0] if rewards else None, "reward_last_log": rewards[-1] if rewards else None}
+
+
+# ------------------------------------------------------------------------------------- update check
+def check_update(s: Setup, seed: int, workdir: Path) -> dict[str, Any]:
+    """The same rollout through both trainers' update: does TRL compute the gradient moeflow does?
+
+    One moeflow rollout (its prompts, completions, rewards and group advantages). moeflow: `GRPOTrainer.update`
+    with the optimizer step left out and no gradient clipping, so the parameters' .grad is the loss's
+    gradient. TRL: `GRPOTrainer._compute_loss` (the loss its `train` backpropagates) on the same batch in
+    its own layout (left-padded prompts, right-padded completions, truncated ones masked, DAPO's
+    `num_items_in_batch`), through transformers' DeepseekV3 loaded from the same base. -> both losses and the
+    gradients' difference (relative L2 over every parameter, the largest per tensor, cosine)."""
+    import torch
+
+    from components.model.hf import hf_counterpart
+    from components.rl.trainer import GRPOTrainer
+
+    cfg, g = s.cfg, s.cfg.grpo
+    g1 = g.model_copy(update={"minibatches": 1, "optim": g.optim.model_copy(update={"grad_clip": 0.0})})
+    model = s.base()
+    ours = GRPOTrainer(model, s.tokenizer, s.pool, g1, cfg.rewards, seed=seed)
+    ro = ours.rollout()
+    ours.optimizer.step = lambda *a, **k: None  # keep the gradient, leave the weights
+    loss_ours = ours.update(ro)["loss"]
+
+    trl, _ = build_trl(s, seed, workdir, evaluate=False)
+    hf, pad, G = trl.model, trl._tokenizer.pad_token_id, g.group_size
+    hf.train()
+    prompts = [ro.prompt_ids[b // G] for b in range(len(ro.results))]
+    Lp, Lc = max(map(len, prompts)), max(len(r.tokens) for r in ro.results)
+    prompt_ids = torch.tensor([[pad] * (Lp - len(p)) + list(p) for p in prompts])
+    prompt_mask = torch.tensor([[0] * (Lp - len(p)) + [1] * len(p) for p in prompts])
+    completion_ids = torch.tensor([r.tokens + [pad] * (Lc - len(r.tokens)) for r in ro.results])
+    completion_mask = torch.tensor([[int(not (g.mask_truncated and r.finish_reason == "length"))] * len(r.tokens)
+                                    + [0] * (Lc - len(r.tokens)) for r in ro.results])
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": ro.advantages_B.clone(),
+              "num_items_in_batch": completion_mask.sum().float()}
+    trl.current_gradient_accumulation_steps = 1
+    hf.zero_grad(set_to_none=True)
+    loss_trl = trl._compute_loss(hf, inputs)
+    loss_trl.backward()
+
+    hf_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in hf.named_parameters()}
+    sq_diff = sq_ref = dot = sq_ours = 0.0
+    worst, worst_name, seen = 0.0, "", set()
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):  # not in the HF export, not in the RL loss
+            continue
+        hf_name, ref = hf_counterpart(name, hf_grads)
+        seen.add(hf_name)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        d = (got - ref).double()
+        sq_diff += float((d * d).sum())
+        sq_ref += float((ref.double() ** 2).sum())
+        sq_ours += float((got.double() ** 2).sum())
+        dot += float((got.double() * ref.double()).sum())
+        rel = float(d.abs().max() / ref.abs().max().clamp(min=1e-12))
+        if rel > worst:
+            worst, worst_name = rel, name
+    missing = sorted(set(hf_grads) - seen)
+    return {"loss_moeflow": float(loss_ours), "loss_trl": float(loss_trl.detach()),
+            "grad_rel_l2": (sq_diff / max(sq_ref, 1e-300)) ** 0.5,
+            "grad_cosine": dot / max((sq_ref * sq_ours) ** 0.5, 1e-300),
+            "grad_worst_tensor_rel": worst, "grad_worst_tensor": worst_name, "unmatched_trl_params": missing,
+            "sequences": len(ro.results), "trained_sequences": int((ro.advantages_B != 0).sum()),
+            "loss_tokens": int(completion_mask.sum())}
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -241,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--fresh", action="store_true", help="drop the records a previous run left")
+    p.add_argument("--check-update", action="store_true",
+                   help="only compare the two trainers' loss and gradient on one moeflow rollout per seed (seconds)")
     a = p.parse_args(argv)
     try:
         import trl  # noqa: F401
@@ -256,6 +335,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = rl_config(a.config, a.sets)
     s = Setup(a.model, a.dataset, cfg)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.check_update:
+        with tempfile.TemporaryDirectory() as tmp:
+            checks = [{"seed": seed, **check_update(s, seed, Path(tmp))} for seed in a.seeds]
+        lines = [f"# The same rollout through both updates: moeflow vs TRL {trl.__version__}\n",
+                 f"Machine: {machine_name()}. Command: `python -m bench.trl_grpo --check-update --seeds "
+                 f"{' '.join(map(str, a.seeds))}` (`check_update`'s docstring says what is compared).\n",
+                 "| seed | sequences (with signal) | loss tokens | loss moeflow | loss TRL | gradient rel. L2 diff "
+                 "| cosine | worst tensor (max rel. diff) |", "|---|---|---|---|---|---|---|---|"]
+        for c in checks:
+            lines.append(f"| {c['seed']} | {c['sequences']} ({c['trained_sequences']}) | {c['loss_tokens']} "
+                         f"| {c['loss_moeflow']:.6g} | {c['loss_trl']:.6g} | {c['grad_rel_l2']:.2e} "
+                         f"| {c['grad_cosine']:.8f} | {c['grad_worst_tensor']} ({c['grad_worst_tensor_rel']:.2e}) |")
+            if c["unmatched_trl_params"]:
+                lines.append(f"\nTRL parameters with no moeflow counterpart: {c['unmatched_trl_params']}")
+        (RESULTS / f"{a.tag}_update.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / f"{a.tag}_update.json").write_text(json.dumps(checks, indent=1) + "\n")
+        print("\n".join(lines))
+        return 0
     raw = RESULTS / f"{a.tag}.json"
     records: list[dict[str, Any]] = [] if a.fresh or not raw.exists() else json.loads(raw.read_text())["records"]
     with tempfile.TemporaryDirectory() as tmp:

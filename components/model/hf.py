@@ -68,6 +68,21 @@ def to_hf_state_dict(model: CausalLM, dtype: torch.dtype = torch.float32) -> dic
     return out
 
 
+def hf_counterpart(name: str, hf_tensors: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    """For our DeepSeek-V3 parameter `name`: the name and the matching view of a tensor of a loaded
+    transformers model (`hf_tensors`, e.g. its parameters or their gradients, keyed by `named_parameters`).
+    transformers 5 holds each layer's routed experts as two fused tensors, `gate_up_proj` (E, 2I, D; gate
+    rows first) and `down_proj`, where our checkpoints and the files keep w_gate, w_up and w_down."""
+    m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(w_gate|w_up|w_down)", name)
+    if m:
+        layer, which = m.groups()
+        hf_name = f"model.layers.{layer}.mlp.experts.{'down_proj' if which == 'w_down' else 'gate_up_proj'}"
+        t = hf_tensors[hf_name]
+        return hf_name, t if which == "w_down" else t.chunk(2, dim=1)[0 if which == "w_gate" else 1]
+    hf_name = name if name.startswith("lm_head") else f"model.{name}"
+    return hf_name, hf_tensors[hf_name]
+
+
 def from_hf_state_dict(
     tensors: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -6,12 +6,11 @@ Both directions: our export loaded by transformers, and transformers' save_pretr
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from components.model import Transformer, load_pretrained
+from components.model.hf import hf_counterpart
 
 ATOL = 1e-5
 
@@ -94,16 +93,7 @@ def test_loss_and_every_gradient_match_transformers(kit, hf_twin):
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     seen = set()
     for name, p in model.named_parameters():
-        m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(w_gate|w_up|w_down)", name)
-        if m:
-            layer, which = m.groups()
-            hf_name = f"model.layers.{layer}.mlp.experts.{'down_proj' if which == 'w_down' else 'gate_up_proj'}"
-            ref = hf_grads[hf_name]
-            if which != "w_down":
-                ref = ref.chunk(2, dim=1)[0 if which == "w_gate" else 1]
-        else:
-            hf_name = name if name.startswith("lm_head") else f"model.{name}"
-            ref = hf_grads[hf_name]
+        hf_name, ref = hf_counterpart(name, hf_grads)
         assert p.grad is not None, name
         scale = ref.abs().max().clamp(min=1e-6)
         torch.testing.assert_close(p.grad / scale, ref / scale, atol=ATOL, rtol=0, msg=name)

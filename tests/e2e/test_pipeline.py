@@ -71,14 +71,15 @@ def test_rl_beats_the_base_and_the_student_stays_close_to_the_teacher(demo):
     points a model, ~2.8 for a difference of two).
 
     The pipeline is seeded end to end, but another CPU's last bits change the base and the RL trajectory
-    (issue 14): measured RL gains over the base were +22.3 (the machine the preset was tuned on), +6.3 and
-    +7.3 (an AVX-512 Xeon, two seeds), +14.9 (an AMD EPYC, the pipeline) and +11.4..+13.6 there in eight RL
-    runs of two seeds and four recipes (`bench/results/trl_grpo_cpu.md`, `var_*.md`). The thresholds come
-    from the worst of those with a margin of one standard error of a difference: RL >= +4 points (a stage
-    that unlearns or never updates gives <= 0), and the student at most 5 points under its teacher (it was
-    above it in every run measured: +2.5 on the Xeon, +5.2 on the EPYC)."""
+    (issue 14). `python -m bench.science` measured the pipeline over 3 seeds x 3 CPU code paths of an AMD
+    EPYC (`bench/results/science_cpu.md`): RL gains from +4.1 to +24.1 points (mean about +13); earlier,
+    +6.3 and +7.3 on an AVX-512 Xeon and +22.3 on the machine the preset was tuned on. The thresholds come
+    from the worst measured run with a margin of one standard error of a difference (2.8 points): RL >= +1
+    point (a stage that unlearns or never updates gives <= 0; that GRPO learns is pinned more tightly by
+    tests/rl/test_golden_curve.py), and the student at most 5 points under its teacher (it was above it in
+    every run measured, by +2.7 to +10.7 points on the EPYC)."""
     ev, g = demo["summary"]["eval"], demo["summary"]["gains"]
-    assert g["rl_over_base"] >= 0.04, ev
+    assert g["rl_over_base"] >= 0.01, ev
     assert ev["student"]["pass@1"] >= ev["rl"]["pass@1"] - 0.05, ev
     assert "points of pass@1 over the base" in demo["stderr"]
 

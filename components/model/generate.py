@@ -6,7 +6,7 @@ keys and values per key/value head. Prompts are left-padded to a common length a
 pass; every later step feeds one token per live sequence against the cache. Sequences that finish are
 dropped from the batch, so the cost follows the live ones.
 
-Sampling: logits / temperature -> top-k -> top-p (nucleus) -> multinomial draw from a generator seeded
+Sampling: logits / temperature -> top-k -> top-p (nucleus) -> one inverse-CDF draw (`draw`) from a generator seeded
 with ``seed`` (same arguments + same seed = same tokens). ``temperature == 0`` is greedy. The reported
 ``logprobs`` are log-softmax(logits / temperature) of the chosen tokens over the FULL vocabulary (not
 renormalised after top-k/top-p), i.e. what a trainer recomputes as pi_old at that temperature; for greedy
@@ -62,8 +62,24 @@ def sample_next(
     scaled_BV = logits_BV / temperature
     logp_BV = scaled_BV.log_softmax(-1)
     probs_BV = _filter_logits(scaled_BV, top_k, top_p).softmax(-1)
-    tok_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+    tok_B = draw(probs_BV, generator)
     return tok_B, logp_BV.gather(1, tok_B[:, None]).squeeze(1)
+
+
+def draw(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row with probability ``probs_BV[b, v]`` (rows need not sum to 1): inverse-CDF sampling.
+
+    One uniform per row, found in the row's running sum. ``torch.multinomial(probs, 1)`` races one
+    exponential draw per vocabulary entry instead (B x V random numbers), about a sixth of a tiny-preset
+    rollout on CPU (128 rows x 2,048 tokens; see `bench.trl_grpo`'s step times). A zero-probability token is
+    never drawn: the first index whose running sum exceeds ``u * total`` is one where the sum grew, and
+    ``u * total`` is kept below the total.
+    """
+    cdf_BV = probs_BV.cumsum(-1)
+    total_B1 = cdf_BV[:, -1:]
+    u_B1 = torch.rand(total_B1.shape, generator=generator, dtype=cdf_BV.dtype, device=cdf_BV.device)
+    x_B1 = torch.minimum(u_B1 * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
+    return torch.searchsorted(cdf_BV, x_B1, right=True).squeeze(1)
 
 
 @torch.inference_mode()

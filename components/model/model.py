@@ -149,6 +149,16 @@ class CausalLM(nn.Module):
             h_BTD = h_BTD[:, -1]
         return F.linear(self.norm(h_BTD), self.output_weight())
 
+    def hidden_states_cached(self, input_ids_BT: torch.Tensor, cache: Any) -> torch.Tensor:
+        """``forward_cached``'s trunk for every new position: -> (B, T, D) hidden states after the final norm.
+
+        Differentiable (the cache's writes are tracked by autograd): the RL update runs each prompt once and
+        its completions against the prompt's cache this way (``components.rl.trainer``).
+        """
+        h_BTD, _ = self._trunk(input_ids_BT, cache)
+        cache.length += input_ids_BT.shape[1]
+        return self.norm(h_BTD)
+
     def compute_loss(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> LossOutput:
         """Next-token loss (+ the family's extra losses) without materialising the (B, T, V) logits.
 

@@ -81,6 +81,9 @@ class GRPOConfig(Strict):
     advantage_scale: Literal["group", "batch", "none"] = Field(
         "group", description="divide advantages by the std of the group, of the batch, or not (Dr. GRPO)")
     mask_truncated: bool = Field(True, description="drop completions cut at the length limit from the loss")
+    shared_prompts: bool = Field(
+        True, description="policy forward: each prompt once, its G completions against its KV cache (the same "
+        "log-probs up to float rounding, fewer tokens); false: one forward per prompt + completion row")
     dynamic_sampling: bool = Field(
         False, description="DAPO: drop groups whose rewards are all equal, sample more prompts to refill")
     max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: rollout rounds per step at most")

@@ -34,7 +34,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -113,10 +113,12 @@ class PolicyBatch:
     valid_BT: torch.Tensor  # bool: a real completion token
     old_logp_BT: torch.Tensor  # pi_old log-probs from the generator (0 at padding)
     truncated_B: torch.Tensor  # bool: cut at the length limit
+    group_B: torch.Tensor  # the row's prompt (rows of one group share it)
+    prompt_BP: torch.Tensor  # the row's prompt, left-padded (for the shared-prompt forward)
+    prompt_valid_BP: torch.Tensor  # bool: a real prompt token
 
     def select(self, rows: torch.Tensor) -> PolicyBatch:
-        return PolicyBatch(*(t[rows] for t in (self.input_ids_BL, self.positions_BT, self.targets_BT,
-                                                self.valid_BT, self.old_logp_BT, self.truncated_B)))
+        return PolicyBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
 def build_batch(prompt_ids: Sequence[Sequence[int]], results: Sequence[GenerationResult], pad_id: int) -> PolicyBatch:
@@ -124,28 +126,71 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], results: Sequence[Generatio
     B = len(results)
     T = max(1, max(len(r.tokens) for r in results))
     L = max(len(prompt_ids[r.prompt_index]) + len(r.tokens) for r in results)
+    P = max(len(prompt_ids[r.prompt_index]) for r in results)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     positions = torch.zeros(B, T, dtype=torch.long)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     old_logp = torch.zeros(B, T, dtype=torch.float32)
+    prompt = torch.full((B, P), pad_id, dtype=torch.long)
+    prompt_valid = torch.zeros(B, P, dtype=torch.bool)
     for b, r in enumerate(results):
         p, n = prompt_ids[r.prompt_index], len(r.tokens)
         input_ids[b, : len(p) + n] = torch.tensor(list(p) + list(r.tokens), dtype=torch.long)
         positions[b, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
         targets[b, :n] = torch.tensor(r.tokens, dtype=torch.long)
         old_logp[b, :n] = torch.tensor(r.logprobs, dtype=torch.float32)
+        prompt[b, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        prompt_valid[b, P - len(p):] = True
     truncated = torch.tensor([r.finish_reason == "length" for r in results], dtype=torch.bool)
-    return PolicyBatch(input_ids, positions, targets, targets != IGNORE_INDEX, old_logp, truncated)
+    group = torch.tensor([r.prompt_index for r in results], dtype=torch.long)
+    return PolicyBatch(input_ids, positions, targets, targets != IGNORE_INDEX, old_logp, truncated, group, prompt,
+                       prompt_valid)
+
+
+def _shared_prompt_hidden(model: torch.nn.Module, batch: PolicyBatch) -> torch.Tensor:
+    """The hidden states that predict the completion tokens, (B, T, D), with every prompt run once.
+
+    The distinct prompts go through the model as one left-padded batch, filling its KV cache (MLA's latents,
+    GQA's keys and values) with gradients attached; each row then runs its completion against its prompt's
+    cache rows (`cache.select`, whose backward sums the G rows' gradients into the shared prompt). This is
+    the computation `generate` does, with gradients: the same log-probs as one forward per `prompt +
+    completion` row up to float rounding (RoPE is relative, so the left padding moves no score), and the
+    G - 1 repeats of every prompt leave the trunk (on the tiny preset ~45% of its tokens).
+    """
+    B, T = batch.targets_BT.shape
+    W = model.output_weight()
+    uniq, inv_B = torch.unique(batch.group_B, return_inverse=True)
+    first_U = torch.full((uniq.numel(),), B, dtype=torch.long).scatter_reduce(
+        0, inv_B, torch.arange(B), reduce="amin")
+    valid_UP = batch.prompt_valid_BP[first_U]
+    P = int(valid_UP.sum(1).max())
+    prompt_UP, valid_UP = batch.prompt_BP[first_U, -P:].to(W.device), valid_UP[:, -P:].to(W.device)
+    inv_B = inv_B.to(W.device)
+    cache = model.allocate_cache(uniq.numel(), P + T - 1, dtype=W.dtype, device=W.device)
+    cache.valid[:, :P] = valid_UP
+    h_B1D = model.hidden_states_cached(prompt_UP, cache)[:, -1:].index_select(0, inv_B)
+    if T == 1:
+        return h_B1D
+    cache = cache.select(inv_B)
+    cache.valid[:, P:] = True  # a completion's padding comes after its tokens: causal, it reaches none
+    completion_BT = torch.where(batch.valid_BT, batch.targets_BT, 0)[:, :-1].to(W.device)
+    return torch.cat([h_B1D, model.hidden_states_cached(completion_BT, cache)], dim=1)
 
 
 def token_logprobs(model: torch.nn.Module, batch: PolicyBatch, temperature: float, *,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, float | None]:
+                   with_entropy: bool = False, shared_prompts: bool = False) -> tuple[torch.Tensor, float | None]:
     """(log pi(token) at `temperature` (B, T) fp32, 0 at padding; differentiable, and the token-mean
-    entropy of the policy over the valid tokens (no gradient) when `with_entropy`)."""
-    h_BLD = model.hidden_states(batch.input_ids_BL)
+    entropy of the policy over the valid tokens (no gradient) when `with_entropy`).
+
+    shared_prompts: run each distinct prompt once and the completions against its KV cache
+    (`_shared_prompt_hidden`) instead of one forward per `prompt + completion` row."""
     B, T = batch.targets_BT.shape
-    D = h_BLD.shape[-1]
-    h_BTD = h_BLD.gather(1, batch.positions_BT.unsqueeze(-1).expand(B, T, D))
+    if shared_prompts:
+        h_BTD = _shared_prompt_hidden(model, batch)
+    else:
+        h_BLD = model.hidden_states(batch.input_ids_BL)
+        h_BTD = h_BLD.gather(1, batch.positions_BT.unsqueeze(-1).expand(B, T, h_BLD.shape[-1]))
+    D = h_BTD.shape[-1]
     W_VD = model.output_weight()
     ce_N = kernels.fused_linear_cross_entropy(h_BTD.reshape(-1, D), W_VD, batch.targets_BT.reshape(-1),
                                               ignore_index=IGNORE_INDEX, reduction="none", temperature=temperature)
@@ -332,14 +377,16 @@ class GRPOTrainer:
                 if rows.numel() == 0:  # every group of the minibatch all-equal: nothing to learn from
                     continue
                 mb = batch.select(rows)
-                logp_BT, entropy = token_logprobs(self.model, mb, cfg.temperature, with_entropy=epoch == 0)
+                logp_BT, entropy = token_logprobs(self.model, mb, cfg.temperature, with_entropy=epoch == 0,
+                                                 shared_prompts=cfg.shared_prompts)
                 if entropy is not None:
                     n_valid = int(mb.valid_BT.sum())
                     entropy_sum, entropy_n = entropy_sum + entropy * n_valid, entropy_n + n_valid
                 ref_logp_BT = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref_logp_BT, _ = token_logprobs(self.ref_model, mb, cfg.temperature)
+                        ref_logp_BT, _ = token_logprobs(self.ref_model, mb, cfg.temperature,
+                                                        shared_prompts=cfg.shared_prompts)
                 loss, st = grpo_loss(logp_BT, mb.old_logp_BT, ro.advantages_B[rows], loss_mask_BT[rows],
                                      ref_logp=ref_logp_BT, beta=cfg.beta, eps_low=cfg.eps_low,
                                      eps_high=cfg.eps_high, aggregation=cfg.aggregation,

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from components.model import ModelConfig, Transformer
+from components.model import DenseForCausalLM, ModelConfig, Qwen2Config, Transformer
 from components.model.compile import compile_model
 from components.model.generate import GenerationResult
 from components.rl.config import GRPOConfig
@@ -50,12 +50,24 @@ def fake_results(prompt_lens: list[int], comp_lens: list[int], vocab: int, seed:
     return prompts, results
 
 
+def random_qwen2(vocab: int = 97, seed: int = 0) -> DenseForCausalLM:
+    """A dense student family (GQA with q/k/v biases): its KV cache, not MLA's latents, carries the prompt."""
+    torch.manual_seed(seed)
+    return DenseForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        initializer_range=0.2, bos_token_id=0, eos_token_id=1, pad_token_id=2))
+
+
+@pytest.mark.parametrize("family", ["moe", "qwen2"])
+@pytest.mark.parametrize("shared_prompts", [False, True], ids=["row-forward", "shared-prompts"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_equal_a_per_sequence_full_softmax_with_gradients(temperature):
-    model = random_model()
+def test_token_logprobs_equal_a_per_sequence_full_softmax_with_gradients(temperature, shared_prompts, family):
+    """Both policy forwards (one per row; each prompt once with its completions against its KV cache) equal
+    one full forward per sequence, log-probs and gradients; ragged prompts, each shared by two rows."""
+    model = random_model() if family == "moe" else random_qwen2()
     prompts, results = fake_results([5, 9, 2], [7, 1, 12, 4, 9, 3], vocab=97, seed=1)
     batch = build_batch(prompts, results, pad_id=2)
-    logp_BT, entropy = token_logprobs(model, batch, temperature, with_entropy=True)
+    logp_BT, entropy = token_logprobs(model, batch, temperature, with_entropy=True, shared_prompts=shared_prompts)
     (logp_BT * torch.linspace(0.5, 1.5, logp_BT.numel()).view_as(logp_BT)).sum().backward()
     got_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

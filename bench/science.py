@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -182,17 +181,12 @@ def markdown(runs: list[dict[str, Any]], machine: str, bits: dict[str, dict[str,
 
 
 def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+    from components.common.system import cpu_model
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({isa})"
 
 
 def main(argv: list[str] | None = None) -> int:

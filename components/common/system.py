@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; elsewhere what `platform` knows). MKL and ATen pick
+    their kernels by it, so results and timings name it."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def available_cores() -> int:

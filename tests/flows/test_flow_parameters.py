@@ -3,11 +3,17 @@ the stage's config from the preset's section; bad values fail before any job sta
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from components.rl.config import GRPOConfig
 from flows.common import preset_config, presets_with
 from flows.registry import STAGES
 from infra.contract import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_each_stage_offers_the_shipped_presets_with_its_section():
@@ -29,7 +35,9 @@ def test_preset_fields_and_overrides_build_the_config_in_that_order():
                         ["seed=5", "optim.lr=2e-3"])
     assert (cfg.steps, cfg.optim.lr, cfg.seed) == (7, 2e-3, 5)
     assert cfg.batch_size == 2 and cfg.model.hidden_size < 1000  # the preset's values, not the class defaults
-    assert preset_config("rl", "tiny", {"model": "/m"}, None).grpo.steps == 300
+    preset_steps = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["rl"]["grpo"]["steps"]
+    assert preset_steps != GRPOConfig().steps  # so the check below tells the preset from the class default
+    assert preset_config("rl", "tiny", {"model": "/m"}, None).grpo.steps == preset_steps
 
 
 def test_the_forms_show_the_references_a_quick_run_uses():

@@ -1,0 +1,140 @@
+"""Where a GRPO step's time goes, and what the RL step's two speed-ups buy, measured in one process.
+
+    python -m bench.rl_step --model <moeflow model dir> --dataset <prepared dataset dir> [--threads 2]
+
+On the tiny preset's settings (`configs/tiny.yaml`'s `rl` section, `--set` overrides), from one base:
+- sampling: `generate.draw` (one uniform per row, inverse CDF) against `torch.multinomial(probs, 1)` (one
+  exponential per vocabulary entry) on a rollout-sized batch of probabilities (128 x vocabulary);
+- rollout: `GRPOTrainer.rollout` as shipped (its sampling is `draw`), and with `torch.multinomial`
+  patched back in, alternating, `--reps` each;
+- update: `GRPOTrainer.update` on one fixed rollout with `grpo.shared_prompts` true (each prompt once, the
+  completions against its KV cache) and false (one forward per prompt + completion row), alternating,
+  `--reps` each; the log-probs of both forwards are compared on that rollout.
+The medians go to `bench/results/rl_step_cpu.md` (+ `.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.trl_grpo import REPO, RESULTS, Setup, rl_config
+
+
+def _median_s(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(s: Setup, reps: int) -> dict[str, Any]:
+    import importlib
+
+    import torch
+
+    from components.rl.trainer import GRPOTrainer, build_batch, token_logprobs
+
+    gen = importlib.import_module("components.model.generate")  # the module: the package exports a function so named
+    model = s.base()
+    tr = GRPOTrainer(model, s.tokenizer, s.pool, s.cfg.grpo, s.cfg.rewards, seed=0)
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(s.cfg.grpo.prompts_per_step * s.cfg.grpo.group_size, model.cfg.vocab_size,
+                        generator=g).mul(3).softmax(-1)
+    out: dict[str, Any] = {
+        "draw_ms": 1e3 * _median_s(lambda: gen.draw(probs, g), 50 * reps),
+        "multinomial_ms": 1e3 * _median_s(lambda: torch.multinomial(probs, 1, generator=g), 50 * reps),
+    }
+    multinomial = lambda p, gen_: torch.multinomial(p, 1, generator=gen_).squeeze(1)  # noqa: E731
+    shipped = gen.draw
+    tr.rollout()  # warm-up
+    roll = {"draw": [], "multinomial": []}
+    for _ in range(reps):
+        for name in roll:
+            gen.draw = shipped if name == "draw" else multinomial
+            try:
+                roll[name].append(_median_s(tr.rollout, 1))
+            finally:
+                gen.draw = shipped
+    out["rollout_s"] = {k: statistics.median(v) for k, v in roll.items()}
+
+    ro = tr.rollout()
+    batch = build_batch(ro.prompt_ids, ro.results, tr.pad)
+    model.train()
+    with torch.no_grad():
+        lp_row, _ = token_logprobs(model, batch, s.cfg.grpo.temperature, shared_prompts=False)
+        lp_shared, _ = token_logprobs(model, batch, s.cfg.grpo.temperature, shared_prompts=True)
+    v = batch.valid_BT
+    out["logp_max_abs_diff"] = float((lp_row - lp_shared)[v].abs().max())
+    out["rows"], out["row_len"] = int(batch.input_ids_BL.shape[0]), int(batch.input_ids_BL.shape[1])
+    out["tokens_row_forward"] = sum(len(ro.prompt_ids[r.prompt_index]) + len(r.tokens) for r in ro.results)
+    out["tokens_shared"] = sum(map(len, ro.prompt_ids)) + sum(len(r.tokens) for r in ro.results)
+    upd = {True: [], False: []}
+    tr.update(ro)  # warm-up
+    for _ in range(reps):
+        for shared in upd:
+            tr.cfg = tr.cfg.model_copy(update={"shared_prompts": shared})
+            upd[shared].append(_median_s(lambda: tr.update(ro), 1))
+    out["update_s"] = {"shared_prompts": statistics.median(upd[True]), "row_forward": statistics.median(upd[False])}
+    return out
+
+
+def markdown(r: dict[str, Any], header: str) -> str:
+    roll, upd = r["rollout_s"], r["update_s"]
+    before = roll["multinomial"] + upd["row_forward"]
+    after = roll["draw"] + upd["shared_prompts"]
+    return "\n".join([
+        header, "",
+        "| part | baseline | moeflow now | ratio |", "|---|---|---|---|",
+        f"| one draw, {r['batch']} x {r['vocab']} probabilities | multinomial {r['multinomial_ms']:.2f} ms | "
+        f"draw {r['draw_ms']:.2f} ms | {r['multinomial_ms'] / r['draw_ms']:.1f}x |",
+        f"| rollout ({r['batch']} completions) | multinomial {roll['multinomial']:.3f} s | draw {roll['draw']:.3f} s | "
+        f"{roll['multinomial'] / roll['draw']:.2f}x |",
+        f"| update (one rollout, {r['rows']} rows) | row forward {upd['row_forward']:.3f} s "
+        f"({r['tokens_row_forward']} tokens) | shared prompts {upd['shared_prompts']:.3f} s ({r['tokens_shared']} "
+        f"tokens) | {upd['row_forward'] / upd['shared_prompts']:.2f}x |",
+        f"| rollout + update | {before:.3f} s | {after:.3f} s | {before / after:.2f}x |", "",
+        f"Log-probs of the two update forwards on that rollout: largest difference {r['logp_max_abs_diff']:.1e}.",
+        "A training step also computes rewards, metrics and checkpoints; `moeflow rl` logs its seconds a step.",
+    ]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.rl_step", description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, required=True, help="a moeflow model directory (e.g. pretrain's model)")
+    p.add_argument("--dataset", type=Path, required=True, help="the prepared dataset directory")
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.yaml")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--tag", default="rl_step_cpu", help="results file stem under bench/results/")
+    args = p.parse_args(argv)
+    import torch
+
+    from components.common.system import cpu_model
+
+    torch.set_num_threads(args.threads)
+    s = Setup(args.model, args.dataset, rl_config(args.config, args.sets))
+    r = measure(s, args.reps)
+    g = s.cfg.grpo
+    r.update(batch=g.prompts_per_step * g.group_size, vocab=s.model_cfg.vocab_size, threads=args.threads,
+             machine=cpu_model(), torch=torch.__version__)
+    header = (f"# The GRPO step's two speed-ups, measured in one process\n\nMachine: {r['machine']}, torch "
+              f"{r['torch']}, {args.threads} threads. Command: `python -m bench.rl_step --model <pretrain model> "
+              f"--dataset <prep dataset> --threads {args.threads} --reps {args.reps}`; medians, the tiny preset's "
+              f"settings ({g.prompts_per_step} prompts x {g.group_size} samples, T {g.temperature}).")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(r, indent=1) + "\n")
+    (RESULTS / f"{args.tag}.md").write_text(markdown(r, header))
+    print(markdown(r, header))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,20 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.trl_grpo import REPO, RESULTS, Setup, rl_config
-
-
-def _median_s(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def measure(s: Setup, reps: int) -> dict[str, Any]:
@@ -39,6 +29,7 @@ def measure(s: Setup, reps: int) -> dict[str, Any]:
 
     import torch
 
+    from bench.model import _best
     from components.rl.trainer import GRPOTrainer, build_batch, token_logprobs
 
     gen = importlib.import_module("components.model.generate")  # the module: the package exports a function so named
@@ -47,22 +38,23 @@ def measure(s: Setup, reps: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     probs = torch.randn(s.cfg.grpo.prompts_per_step * s.cfg.grpo.group_size, model.cfg.vocab_size,
                         generator=g).mul(3).softmax(-1)
-    out: dict[str, Any] = {
-        "draw_ms": 1e3 * _median_s(lambda: gen.draw(probs, g), 50 * reps),
-        "multinomial_ms": 1e3 * _median_s(lambda: torch.multinomial(probs, 1, generator=g), 50 * reps),
-    }
-    multinomial = lambda p, gen_: torch.multinomial(p, 1, generator=gen_).squeeze(1)  # noqa: E731
+    median = lambda times: {k: statistics.median(v) for k, v in times.items()}  # noqa: E731
+    draws = median(_best({"draw": lambda: gen.draw(probs, g),
+                          "multinomial": lambda: torch.multinomial(probs, 1, generator=g)}, 50 * reps))
+    out: dict[str, Any] = {"draw_ms": 1e3 * draws["draw"], "multinomial_ms": 1e3 * draws["multinomial"]}
+
     shipped = gen.draw
-    tr.rollout()  # warm-up
-    roll = {"draw": [], "multinomial": []}
-    for _ in range(reps):
-        for name in roll:
-            gen.draw = shipped if name == "draw" else multinomial
-            try:
-                roll[name].append(_median_s(tr.rollout, 1))
-            finally:
-                gen.draw = shipped
-    out["rollout_s"] = {k: statistics.median(v) for k, v in roll.items()}
+
+    def rollout_with(sampler):
+        gen.draw = sampler
+        try:
+            tr.rollout()
+        finally:
+            gen.draw = shipped
+
+    multinomial = lambda p, gen_: torch.multinomial(p, 1, generator=gen_).squeeze(1)  # noqa: E731
+    out["rollout_s"] = median(_best({"draw": lambda: rollout_with(shipped),
+                                     "multinomial": lambda: rollout_with(multinomial)}, reps))
 
     ro = tr.rollout()
     batch = build_batch(ro.prompt_ids, ro.results, tr.pad)
@@ -75,13 +67,13 @@ def measure(s: Setup, reps: int) -> dict[str, Any]:
     out["rows"], out["row_len"] = int(batch.input_ids_BL.shape[0]), int(batch.input_ids_BL.shape[1])
     out["tokens_row_forward"] = sum(len(ro.prompt_ids[r.prompt_index]) + len(r.tokens) for r in ro.results)
     out["tokens_shared"] = sum(map(len, ro.prompt_ids)) + sum(len(r.tokens) for r in ro.results)
-    upd = {True: [], False: []}
-    tr.update(ro)  # warm-up
-    for _ in range(reps):
-        for shared in upd:
-            tr.cfg = tr.cfg.model_copy(update={"shared_prompts": shared})
-            upd[shared].append(_median_s(lambda: tr.update(ro), 1))
-    out["update_s"] = {"shared_prompts": statistics.median(upd[True]), "row_forward": statistics.median(upd[False])}
+
+    def update_with(shared: bool):
+        tr.cfg = tr.cfg.model_copy(update={"shared_prompts": shared})
+        tr.update(ro)
+
+    out["update_s"] = median(_best({"shared_prompts": lambda: update_with(True),
+                                    "row_forward": lambda: update_with(False)}, reps))
     return out
 
 

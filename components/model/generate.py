@@ -71,7 +71,7 @@ def draw(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
     One uniform per row, found in the row's running sum. ``torch.multinomial(probs, 1)`` races one
     exponential draw per vocabulary entry instead (B x V random numbers), a sixth of a tiny-preset
-    rollout on CPU (`bench/results/rl_step_cpu.md`: 3.3 ms against 0.14 ms per draw of 128 x 1,106).
+    rollout on CPU (`bench/results/rl_step_cpu.md`: 3.2 ms against 0.16 ms per draw of 128 x 1,106).
     A zero-probability token is never drawn: the first index whose running sum exceeds ``u * total`` is
     one where the sum grew, and ``u * total`` is kept below the total.
     """

@@ -88,7 +88,10 @@ def _rms_norm_res(fn):
     return run
 
 
-X, W = (4, 6, 16), (16,)
+# Big enough that torch's max bf16 error (the bound's scale) is a stable statistic: at (4, 6, 16) the 16
+# dweight sums failed the bound for ~0.5% of the random seeds on any CPU path (worst 1.43x the bound over
+# 1,000 seeds); at (8, 16, 64) the worst of 3,000 seeds is 0.92x, with ATEN_CPU_CAPABILITY default or not.
+X, W = (8, 16, 64), (64,)
 CASES = {  # name: (op through kernels, plain reference, input shapes; rope's cos/sin are added)
     "rms_norm": (lambda x, w: kernels.rms_norm(x, w, 1e-6), lambda x, w: ref.rms_norm(x, w, 1e-6), [X, W]),
     "rms_norm+residual": (_rms_norm_res(kernels.rms_norm), _rms_norm_res(ref.rms_norm), [X, W, X]),

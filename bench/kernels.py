@@ -182,6 +182,9 @@ def _leaf(*shape, device, dtype, scale=1.0, grad=True) -> torch.Tensor:
 
 
 def _compiled(fn):
+    from components.model.compile import isolate_inductor_cache
+
+    isolate_inductor_cache()
     return torch.compile(fn, dynamic=False)
 
 

@@ -9,6 +9,11 @@ dict are untouched (checkpoints do not change).
 
 The backend is ``inductor`` unless ``MOEFLOW_COMPILE_BACKEND`` names another (``aot_eager`` traces the
 same graphs without generating code: what the tests use, being fast).
+
+Inductor's on-disk cache (FX graph cache) is keyed without ``ATEN_CPU_CAPABILITY``: a graph compiled with
+the default ISA (AVX2 code, ``at::vec``) and reloaded under ``ATEN_CPU_CAPABILITY=default`` is rebuilt
+without the ISA's defines and fails with ``CppCompileError: 'at::vec' has not been declared`` (torch
+2.13, measured here). ``isolate_inductor_cache`` gives each forced capability a cache directory of its own.
 """
 
 from __future__ import annotations
@@ -26,9 +31,26 @@ def compile_backend() -> str:
     return os.environ.get(BACKEND_ENV, "").strip() or "inductor"
 
 
+def isolate_inductor_cache() -> str | None:
+    """With ``ATEN_CPU_CAPABILITY`` set and no cache directory chosen by the user (unset, or torch's default
+    already filled in), point ``TORCHINDUCTOR_CACHE_DIR`` at ``<default>-isa-<capability>``; -> the path set."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").strip()
+    if not capability:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None and os.path.abspath(current) != default:
+        return None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path = f"{default}-isa-{capability}"
+    return path
+
+
 def compile_model(model: torch.nn.Module, backend: str | None = None, fullgraph: bool = True) -> torch.nn.Module:
     """Compile ``model``'s training forwards in place (see the module doc); returns the model."""
     backend = backend or compile_backend()
+    isolate_inductor_cache()
     for name in COMPILED_METHODS:
         fn = torch.compile(getattr(type(model), name), backend=backend, fullgraph=fullgraph)
         setattr(model, name, types.MethodType(fn, model))

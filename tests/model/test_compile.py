@@ -7,12 +7,13 @@ graphs) without generating code, so these tests stay fast; one small test runs i
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
 from components.model import Transformer
-from components.model.compile import compile_model, is_compiled
+from components.model.compile import compile_model, is_compiled, isolate_inductor_cache
 
 
 def _model(kit, **overrides) -> Transformer:
@@ -93,5 +94,24 @@ def test_moe_layer_compiles_with_inductor(kit):
         return moe(x)
 
     eager = _step(layer, params, x)
+    isolate_inductor_cache()  # as compile_model does: run under each ATEN_CPU_CAPABILITY, this test failed
     compiled = _step(torch.compile(layer, backend="inductor", fullgraph=True), params, x)
     _assert_same(compiled, eager, atol=1e-5)
+
+
+def test_each_forced_cpu_capability_gets_its_own_inductor_cache(monkeypatch, tmp_path):
+    """Inductor's FX graph cache does not key on ATEN_CPU_CAPABILITY (an AVX2 graph reloaded under
+    ``default`` fails to build): a forced capability gets its own directory, a user's choice is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert isolate_inductor_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert isolate_inductor_cache() == os.environ["TORCHINDUCTOR_CACHE_DIR"] == f"{default}-isa-default"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)  # torch filled in its default: still isolated
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert isolate_inductor_cache() == f"{default}-isa-avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the user's own directory: left alone
+    assert isolate_inductor_cache() is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)

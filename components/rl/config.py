@@ -84,6 +84,11 @@ class GRPOConfig(Strict):
     shared_prompts: bool = Field(
         True, description="policy forward: each prompt once, its G completions against its KV cache (the same "
         "log-probs up to float rounding, fewer tokens); false: one forward per prompt + completion row")
+    overlap_rollout: bool = Field(
+        False, description="sample the next step's groups in a background thread, from a copy of the weights "
+        "before this step's update, while the update runs (one step off-policy: the clipped ratio to the "
+        "sampler's log-probs corrects it); each side gets half the torch threads and the copy costs one more "
+        "set of weights. Checkpoints and evaluations drain it, so a resumed run repeats the same samples")
     dynamic_sampling: bool = Field(
         False, description="DAPO: drop groups whose rewards are all equal, sample more prompts to refill")
     max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: rollout rounds per step at most")

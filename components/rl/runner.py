@@ -261,7 +261,10 @@ class RLRun:
                 start_uri = (storage.join_uri(ctx.output_uri, COLD_START_DIR) if cfg.recipe == "r1"
                              else self.inputs["model"])
                 trainer.set_reference(reference_copy(ckpt.load_model(start_uri)[0]))
-            self.train(trainer)
+            try:
+                self.train(trainer)
+            finally:
+                trainer.close()
             return self.finish(trainer)
         finally:
             torch.set_num_threads(threads_before)
@@ -277,7 +280,9 @@ class RLRun:
         t_loop = t_start = time.perf_counter()
         first_step = trainer.step  # a resumed run's pace counts from where it resumed
         while trainer.step < g.steps:
-            m = trainer.train_step()
+            nxt = trainer.step + 1  # an evaluation or checkpoint after this step drains an overlapped rollout
+            m = trainer.train_step(prefetch=not ((cfg.eval.every and nxt % cfg.eval.every == 0)
+                                                 or nxt % cfg.checkpoint.every == 0))
             step = trainer.step
             ctx.tracker.log_metrics({k: v for k, v in m.items() if k != "step"}, step=step)
             if step % cfg.log_every == 0 or step == 1 or step == g.steps:

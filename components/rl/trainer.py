@@ -22,6 +22,14 @@ Rows for the policy forward are `prompt + completion`, right-padded: the model i
 never reaches a real token, and every prompt starts at position 0 as in evaluation. The hidden state at
 position `len(prompt) + t - 1` predicts completion token t.
 
+Overlapped rollouts (`overlap_rollout`): while step t's update runs, a background thread samples step t+1's
+groups from a copy of the weights before that update (one step off-policy, as in asynchronous RL systems;
+pi_old is the sampler's, so the clipped ratio corrects for the lag). Python threads overlap here because
+torch releases the GIL inside its ops; each side runs with half the intra-op threads. The prompts and
+seeds of every step are those of the sequential run; only the weights that sample them lag by one update.
+`train_step(prefetch=False)` drains the pipeline (the runner asks before a checkpoint or an evaluation),
+so a checkpoint never holds an in-flight rollout and a resumed run samples exactly what the first did.
+
 The MoE routers' balancing bias is left as pretrained (no bias updates during RL); the expert counters
 are reset every step.
 """
@@ -34,6 +42,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -60,6 +69,7 @@ log = logging.getLogger("moeflow.rl")
 
 IGNORE_INDEX = -100
 ENTROPY_CHUNK = 2048  # tokens per chunk of the (no-grad) entropy computation
+ROLLOUT_WAIT_S = 1800.0  # an overlapped rollout that takes longer than this is a hang, not a slow step
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -277,6 +287,9 @@ class GRPOTrainer:
         self.cursor = 0
         self.history: list[dict[str, float]] = []
         self.sample_rows: list[dict[str, Any]] = []
+        self._sampler: torch.nn.Module | None = None  # overlap_rollout: the weights the next rollout samples
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[Rollout] | None = None
 
     def set_reference(self, ref_model: torch.nn.Module) -> None:
         """The frozen reference of the KL term (kept only when beta > 0)."""
@@ -287,23 +300,27 @@ class GRPOTrainer:
             p.requires_grad_(False)
 
     # --- rollouts -----------------------------------------------------------------------------------
-    def _sample(self, idx: list[int], round_: int) -> tuple[list[GenerationResult], list[str], RewardBatch]:
+    def _sample(self, model: torch.nn.Module, idx: list[int], step: int,
+                round_: int) -> tuple[list[GenerationResult], list[str], RewardBatch]:
         cfg = self.cfg
-        warm_rope(self.model)
+        warm_rope(model)
         prompts = [self.prompt_ids[i] for i in idx]
-        results = generate(self.model, prompts, max_new_tokens=self.reward_cfg.max_completion_len,
+        results = generate(model, prompts, max_new_tokens=self.reward_cfg.max_completion_len,
                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                            stop_token_ids=self.stop_ids, num_samples=cfg.group_size,
-                           seed=self.seed * 1_000_003 + self.step * 101 + round_)
+                           seed=self.seed * 1_000_003 + step * 101 + round_)
         texts = [self.tokenizer.decode(r.tokens) for r in results]
         problems = [self.problems[idx[r.prompt_index]] for r in results]
         rewards = compute_rewards(problems, texts, [len(r.tokens) for r in results],
                                   [r.finish_reason == "length" for r in results], self.reward_cfg)
         return results, texts, rewards
 
-    def rollout(self) -> Rollout:
-        """Sample the groups of the current step (dynamic sampling: refill dropped groups)."""
+    def rollout(self, model: torch.nn.Module | None = None, step: int | None = None) -> Rollout:
+        """Sample the groups of the step after `step` (default: the steps done) with `model` (default the
+        policy); dynamic sampling refills dropped groups. Advances the prompt cursor."""
         cfg, G = self.cfg, self.cfg.group_size
+        model = self.model if model is None else model
+        step = self.step if step is None else step
         kept_idx: list[int] = []
         kept_results: list[GenerationResult] = []
         kept_texts: list[str] = []
@@ -313,7 +330,7 @@ class GRPOTrainer:
         while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
             idx = self.stream.take(self.cursor, need)
             self.cursor += need
-            results, texts, rewards = self._sample(idx, rounds)
+            results, texts, rewards = self._sample(model, idx, step, rounds)
             rounds += 1
             sampled += len(idx)
             tokens += sum(len(r.tokens) for r in results)
@@ -421,21 +438,35 @@ class GRPOTrainer:
         return out
 
     # --- one step -----------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        """Rollout + update; returns the step's metrics (also appended to `history`)."""
+    def train_step(self, prefetch: bool = True) -> dict[str, float]:
+        """Rollout + update; returns the step's metrics (also appended to `history`).
+
+        With `overlap_rollout`, the next step's rollout runs in the background during this step's update
+        unless `prefetch` is false or this is the last step (see the module doc)."""
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        ro = self.rollout()
+        ro = self._take_pending() if self._pending is not None else self.rollout()
         t_roll = time.perf_counter() - t0
         self.step += 1
         m: dict[str, float] = rollout_metrics(ro, self.cfg.group_size)
-        if ro.problems:
-            upd = self.update(ro)
-        else:  # nothing to learn from: no update, but the schedule follows the steps
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-                self.scheduler.step()
-            upd = {}
+        overlap = self.cfg.overlap_rollout and prefetch and self.step < self.cfg.steps
+        threads = torch.get_num_threads()
+        if overlap:
+            torch.set_num_threads(max(1, threads // 2))
+            self._start_rollout()
+        try:
+            if ro.problems:
+                upd = self.update(ro)
+            else:  # nothing to learn from: no update, but the schedule follows the steps
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                    self.scheduler.step()
+                upd = {}
+            if overlap:  # the update's share of the step: the rest is the wait for the rollout, next step
+                m["time/update_s"] = time.perf_counter() - t0 - t_roll
+                self._pending_ready()
+        finally:
+            torch.set_num_threads(threads)
         m.update({
             "loss": upd.get("loss", 0.0), "pg_loss": upd.get("pg_loss", 0.0),
             "clip_fraction": upd.get("clip_fraction", 0.0), "clip_low_fraction": upd.get("clip_low_fraction", 0.0),
@@ -455,9 +486,48 @@ class GRPOTrainer:
             self.sample_rows.extend(sample_table(ro, self.step, self.samples_cfg.n, self.cfg.group_size))
         return m
 
+    # --- overlapped rollouts ------------------------------------------------------------------------
+    def _start_rollout(self) -> None:
+        """Sample the next step's groups in the background from a copy of the current (pre-update) weights."""
+        if self._sampler is None:
+            self._sampler = copy.deepcopy(self.model).eval()
+            for p in self._sampler.parameters():
+                p.requires_grad_(False)
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="moeflow-rollout")
+        else:
+            with torch.no_grad():
+                for dst, src in zip(self._sampler.state_dict().values(), self.model.state_dict().values(),
+                                    strict=True):
+                    dst.copy_(src)
+        assert self._executor is not None
+        self._pending = self._executor.submit(self.rollout, self._sampler, self.step)
+
+    def _pending_ready(self) -> None:
+        """Wait (bounded) for the background rollout, so the step's time includes it and errors surface."""
+        assert self._pending is not None
+        try:
+            self._pending.result(timeout=ROLLOUT_WAIT_S)
+        except TimeoutError as e:
+            raise RuntimeError(f"the overlapped rollout of step {self.step + 1} did not finish within "
+                               f"{ROLLOUT_WAIT_S:.0f} s") from e
+
+    def _take_pending(self) -> Rollout:
+        assert self._pending is not None
+        fut, self._pending = self._pending, None
+        return fut.result(timeout=ROLLOUT_WAIT_S)
+
+    def close(self) -> None:
+        """Drop the background rollout machinery (the sampler copy, its thread); a pending rollout is
+        finished and discarded, its prompts stay consumed."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._executor, self._sampler, self._pending = None, None, None
+
     # --- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything but the model weights and optimizer state, as weights_only-loadable data."""
+        if self._pending is not None:
+            raise RuntimeError("a rollout is in flight: checkpoint after a train_step(prefetch=False)")
         return {"step": self.step, "cursor": self.cursor, "scheduler": self.scheduler.state_dict(),
                 "history": self.history, "sample_rows": self.sample_rows}
 

@@ -105,17 +105,20 @@ def test_r1_run_publishes_policy_report_samples_and_traces(inputs, tiny_base):
     assert cached_result(plan) is not None  # the same config again is a cache hit
 
 
-def test_a_crashed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one(inputs, monkeypatch):
-    _, straight = run_rl(config(inputs))
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped-rollouts"])
+def test_a_crashed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one(inputs, monkeypatch, overlap):
+    """Overlapped rollouts too: the runner drains the pipeline before each checkpoint, so the resumed run
+    samples from the same weights as the uninterrupted one."""
+    _, straight = run_rl(config(inputs, grpo={"overlap_rollout": overlap}))
     straight_curve = storage.read_json(storage.join_uri(straight.outputs["report"], "history.json"))
 
-    cfg = config(inputs, log_every=2)  # the same run at another output location
+    cfg = config(inputs, log_every=2, grpo={"overlap_rollout": overlap})  # the same run, another output
     original = trainer_mod.GRPOTrainer.train_step
 
-    def crash_before_step_3(self):
+    def crash_before_step_3(self, *args, **kwargs):
         if self.step == 2:
             raise RuntimeError("node lost")
-        return original(self)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer_mod.GRPOTrainer, "train_step", crash_before_step_3)
     with pytest.raises(RuntimeError, match="node lost"):

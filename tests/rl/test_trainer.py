@@ -340,3 +340,81 @@ def test_compiled_policy_trains_like_the_eager_one(tiny_base):
     eager, compiled = steps
     for key in ("loss", "reward/total", "grad_norm"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
+
+
+# ---------------------------------------------------------------------------------- overlapped rollouts
+def _recording(trainer: GRPOTrainer) -> list:
+    """The rollouts `trainer.update` is given, in order."""
+    seen, update = [], trainer.update
+    trainer.update = lambda ro: (seen.append(ro), update(ro))[1]
+    return seen
+
+
+def _tokens(ro) -> list[list[int]]:
+    return [r.tokens for r in ro.results]
+
+
+def test_overlapped_rollouts_sample_the_same_prompts_from_the_weights_one_update_behind(tiny_base):
+    """With `overlap_rollout`, step t+1's groups are sampled (in a background thread) from the weights
+    before step t's update, with the sequential run's prompts and seeds; a sequential replay of that
+    schedule gives the same samples, log-probs and final weights bit for bit (one thread on both sides)."""
+    tok, problems = tiny_base.tokenizer(), tiny_base.problems()
+    cfg = GRPOConfig(steps=4, group_size=4, prompts_per_step=3, optim={"lr": 3e-3}, overlap_rollout=True)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        over = GRPOTrainer(tiny_base.load(), tok, problems, cfg, REWARDS, seed=5)
+        seen = _recording(over)
+        for _ in range(3):
+            over.train_step()
+        assert over._pending is not None and over._pending.done()  # step 4's, sampled from step 3's weights
+        with pytest.raises(RuntimeError, match="in flight"):
+            over.state_dict()
+
+        replay = GRPOTrainer(tiny_base.load(), tok, problems, cfg.model_copy(update={"overlap_rollout": False}),
+                             REWARDS, seed=5)
+        start, behind = copy.deepcopy(replay.model), copy.deepcopy(replay.model)
+        rollouts = [replay.rollout(step=0)]
+        for t in range(1, 3):
+            behind.load_state_dict(replay.model.state_dict())  # the weights before update t
+            ro = replay.rollout(model=behind, step=t)  # what the background thread sampled during update t
+            replay.update(rollouts[-1])
+            rollouts.append(ro)
+        replay.update(rollouts[-1])
+        on_start = replay.rollout(model=start, step=2)
+    finally:
+        torch.set_num_threads(saved)
+    assert len(seen) == 3 and [_tokens(a) for a in seen] == [_tokens(b) for b in rollouts]
+    assert [r.logprobs for r in seen[2].results] == [r.logprobs for r in rollouts[2].results]
+    # the test tells the weights apart: step 3's groups from the starting weights have other log-probs
+    assert [r.logprobs for r in on_start.results] != [r.logprobs for r in rollouts[2].results]
+    for name, p in replay.model.state_dict().items():
+        assert torch.equal(p, over.model.state_dict()[name]), name
+    over.close()
+    assert over._pending is None and over._executor is None
+
+
+def test_an_overlapped_run_drained_at_a_checkpoint_resumes_exactly(tiny_base):
+    """`train_step(prefetch=False)` (the runner's call before a checkpoint) leaves no rollout in flight, so
+    a run resumed from that checkpoint samples and trains exactly as the uninterrupted one."""
+    tok, problems = tiny_base.tokenizer(), tiny_base.problems()
+    cfg = GRPOConfig(steps=4, group_size=4, prompts_per_step=3, optim={"lr": 1e-3}, overlap_rollout=True)
+    straight = GRPOTrainer(tiny_base.load(), tok, problems, cfg, REWARDS, seed=9)
+    curve = [straight.train_step(prefetch=step != 2)["reward/total"] for step in range(1, 5)]
+    straight.close()
+
+    first = GRPOTrainer(tiny_base.load(), tok, problems, cfg, REWARDS, seed=9)
+    first.train_step()
+    first.train_step(prefetch=False)
+    state = copy.deepcopy(first.state_dict())
+    weights, optim = copy.deepcopy(first.model.state_dict()), copy.deepcopy(first.optimizer.state_dict())
+    first.close()
+    model = tiny_base.load()
+    model.load_state_dict(weights)
+    resumed = GRPOTrainer(model, tok, problems, cfg, REWARDS, seed=9)
+    resumed.load_state_dict(state, optim)
+    rest = [resumed.train_step()["reward/total"] for _ in range(2)]
+    resumed.close()
+    assert rest == curve[2:]
+    for name, p in resumed.model.state_dict().items():
+        assert torch.equal(p, straight.model.state_dict()[name]), name

@@ -10,7 +10,9 @@ Sampling: logits / temperature -> top-k -> top-p (nucleus) -> one inverse-CDF dr
 with ``seed`` (same arguments + same seed = same tokens). ``temperature == 0`` is greedy. The reported
 ``logprobs`` are log-softmax(logits / temperature) of the chosen tokens over the FULL vocabulary (not
 renormalised after top-k/top-p), i.e. what a trainer recomputes as pi_old at that temperature; for greedy
-decoding they are taken at temperature 1.
+decoding they are taken at temperature 1. ``with_entropy`` also reports, per generated token, the entropy of
+that same full distribution (what an RL trainer logs as the policy's entropy, here from the probabilities
+the sampler computes anyway instead of a second pass over the vocabulary).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class GenerationResult:
     sample_index: int
     stop: str | int | None = None  # the stop string or stop token id that ended it
     text: str | None = field(default=None)  # decoded tokens when a tokenizer was given
+    entropies: list[float] | None = None  # per token, with ``with_entropy``: entropy of log-softmax(logits / T)
 
 
 def _filter_logits(scaled_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -52,18 +55,24 @@ def _filter_logits(scaled_BV: torch.Tensor, top_k: int, top_p: float) -> torch.T
 
 
 def sample_next(
-    logits_BV: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (tokens (B,) int64, logprobs (B,) fp32 at the sampling temperature over the full vocabulary)."""
+    logits_BV: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """-> (tokens (B,) int64, logprobs (B,) fp32 at the sampling temperature over the full vocabulary, and
+    with ``with_entropy`` that distribution's entropy (B,) fp32, else None)."""
     logits_BV = logits_BV.float()
     if temperature == 0:
         tok_B = logits_BV.argmax(-1)
-        return tok_B, logits_BV.log_softmax(-1).gather(1, tok_B[:, None]).squeeze(1)
-    scaled_BV = logits_BV / temperature
-    logp_BV = scaled_BV.log_softmax(-1)
-    probs_BV = _filter_logits(scaled_BV, top_k, top_p).softmax(-1)
-    tok_B = draw(probs_BV, generator)
-    return tok_B, logp_BV.gather(1, tok_B[:, None]).squeeze(1)
+        logp_BV = logits_BV.log_softmax(-1)
+        full_BV = logp_BV.exp() if with_entropy else None
+    else:
+        logp_BV = (logits_BV / temperature).log_softmax(-1)
+        full_BV = logp_BV.exp()
+        filtered = 0 < top_k < logp_BV.shape[-1] or top_p < 1.0
+        # the filter keeps the order of the scores, so it may act on the log-probs (a shift of the logits)
+        tok_B = draw(_filter_logits(logp_BV, top_k, top_p).exp() if filtered else full_BV, generator)
+    entropy_B = -(full_BV * logp_BV).nan_to_num_().sum(-1) if with_entropy else None
+    return tok_B, logp_BV.gather(1, tok_B[:, None]).squeeze(1), entropy_B
 
 
 def draw(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -97,6 +106,7 @@ def generate(
     tokenizer: Any = None,
     seed: int | None = None,
     num_samples: int = 1,
+    with_entropy: bool = False,
 ) -> list[GenerationResult]:
     """Sample ``num_samples`` continuations of every prompt; results are prompt-major
     (``results[p * num_samples + s]``).
@@ -137,12 +147,16 @@ def generate(
         n = n_prompts * num_samples
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
+        entropies: list[list[float]] = [[] for _ in range(n)]
         finish: list[tuple[str, str | int | None]] = [("length", None)] * n
         live = list(range(n))  # batch row i of the cache holds sequence live[i]
         max_stop_len = max((len(s) for s in stop_strings), default=0)
         for step in range(max_new_tokens):
-            tok_B, lp_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      generator=generator)
+            tok_B, lp_B, ent_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
+                                             generator=generator, with_entropy=with_entropy)
+            if ent_B is not None:
+                for seq, e in zip(live, ent_B.tolist(), strict=True):
+                    entropies[seq].append(e)
             keep = []
             for i, (t, lp) in enumerate(zip(tok_B.tolist(), lp_B.tolist(), strict=True)):
                 seq = live[i]
@@ -173,6 +187,7 @@ def generate(
             tokens=tokens[s], logprobs=logprobs[s], finish_reason=finish[s][0], stop=finish[s][1],
             prompt_index=s // num_samples, sample_index=s % num_samples,
             text=None if tokenizer is None else tokenizer.decode(tokens[s]),
+            entropies=entropies[s] if with_entropy else None,
         )
         for s in range(n)
     ]

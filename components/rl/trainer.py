@@ -133,24 +133,22 @@ class PolicyBatch:
 
 def build_batch(prompt_ids: Sequence[Sequence[int]], results: Sequence[GenerationResult], pad_id: int) -> PolicyBatch:
     """Rows `prompt + completion` for each result (``results[i].prompt_index`` names its prompt)."""
-    B = len(results)
     T = max(1, max(len(r.tokens) for r in results))
     L = max(len(prompt_ids[r.prompt_index]) + len(r.tokens) for r in results)
     P = max(len(prompt_ids[r.prompt_index]) for r in results)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    old_logp = torch.zeros(B, T, dtype=torch.float32)
-    prompt = torch.full((B, P), pad_id, dtype=torch.long)
-    prompt_valid = torch.zeros(B, P, dtype=torch.bool)
-    for b, r in enumerate(results):
-        p, n = prompt_ids[r.prompt_index], len(r.tokens)
-        input_ids[b, : len(p) + n] = torch.tensor(list(p) + list(r.tokens), dtype=torch.long)
-        positions[b, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
-        targets[b, :n] = torch.tensor(r.tokens, dtype=torch.long)
-        old_logp[b, :n] = torch.tensor(r.logprobs, dtype=torch.float32)
-        prompt[b, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        prompt_valid[b, P - len(p):] = True
+    # padded Python rows, one tensor each: per-row tensor writes cost more than the update's loss (profiled)
+    prompts = [list(prompt_ids[r.prompt_index]) for r in results]
+    ns = [len(r.tokens) for r in results]
+    input_ids = torch.tensor([p + r.tokens + [pad_id] * (L - len(p) - n)
+                              for p, r, n in zip(prompts, results, ns, strict=True)], dtype=torch.long)
+    positions = torch.tensor([list(range(len(p) - 1, len(p) - 1 + n)) + [0] * (T - n)
+                              for p, n in zip(prompts, ns, strict=True)], dtype=torch.long)
+    targets = torch.tensor([r.tokens + [IGNORE_INDEX] * (T - n) for r, n in zip(results, ns, strict=True)],
+                           dtype=torch.long)
+    old_logp = torch.tensor([r.logprobs + [0.0] * (T - n) for r, n in zip(results, ns, strict=True)],
+                            dtype=torch.float32)
+    prompt = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], dtype=torch.long)
+    prompt_valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], dtype=torch.bool)
     truncated = torch.tensor([r.finish_reason == "length" for r in results], dtype=torch.bool)
     group = torch.tensor([r.prompt_index for r in results], dtype=torch.long)
     return PolicyBatch(input_ids, positions, targets, targets != IGNORE_INDEX, old_logp, truncated, group, prompt,
@@ -308,7 +306,7 @@ class GRPOTrainer:
         results = generate(model, prompts, max_new_tokens=self.reward_cfg.max_completion_len,
                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                            stop_token_ids=self.stop_ids, num_samples=cfg.group_size,
-                           seed=self.seed * 1_000_003 + step * 101 + round_)
+                           seed=self.seed * 1_000_003 + step * 101 + round_, with_entropy=True)
         texts = [self.tokenizer.decode(r.tokens) for r in results]
         problems = [self.problems[idx[r.prompt_index]] for r in results]
         rewards = compute_rewards(problems, texts, [len(r.tokens) for r in results],
@@ -347,7 +345,7 @@ class GRPOTrainer:
                     r = results[p * G + g]
                     kept_results.append(GenerationResult(
                         tokens=r.tokens, logprobs=r.logprobs, finish_reason=r.finish_reason,
-                        prompt_index=len(kept_idx) - 1, sample_index=g, stop=r.stop))
+                        prompt_index=len(kept_idx) - 1, sample_index=g, stop=r.stop, entropies=r.entropies))
                     kept_texts.append(texts[p * G + g])
             if rows:
                 kept_rewards.append(_select_rewards(rewards, rows))
@@ -384,6 +382,9 @@ class GRPOTrainer:
         self.model.train()
         stats: list[dict[str, float]] = []
         entropy_sum, entropy_n = 0.0, 0
+        # the policy's entropy: the sampler's, per token (the same distribution at mu = 1 without overlap,
+        # the weights one update behind with it), else a pass over the vocabulary in the first epoch
+        sampler_entropy = all(r.entropies is not None for r in ro.results)
         grad_norms: list[float] = []
         for epoch in range(cfg.mu):
             for chunk in chunks:
@@ -394,8 +395,12 @@ class GRPOTrainer:
                 if rows.numel() == 0:  # every group of the minibatch all-equal: nothing to learn from
                     continue
                 mb = batch.select(rows)
-                logp_BT, entropy = token_logprobs(self.model, mb, cfg.temperature, with_entropy=epoch == 0,
+                logp_BT, entropy = token_logprobs(self.model, mb, cfg.temperature,
+                                                 with_entropy=epoch == 0 and not sampler_entropy,
                                                  shared_prompts=cfg.shared_prompts)
+                if epoch == 0 and sampler_entropy:
+                    ents = [e for b in rows.tolist() for e in ro.results[b].entropies]
+                    entropy_sum, entropy_n = entropy_sum + sum(ents), entropy_n + len(ents)
                 if entropy is not None:
                     n_valid = int(mb.valid_BT.sum())
                     entropy_sum, entropy_n = entropy_sum + entropy * n_valid, entropy_n + n_valid

@@ -91,6 +91,24 @@ def test_logprobs_are_at_the_sampling_temperature(model):
         seq.append(tok)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 0.9)], ids=["full", "filtered"])
+def test_entropies_are_those_of_the_full_distribution_at_the_temperature(model, top_k, top_p):
+    """with_entropy: per token, the entropy of softmax(logits / T) over the whole vocabulary (the policy's,
+    as a trainer logs it), whatever top-k/top-p restrict the draw to; the samples do not change."""
+    kw = {"max_new_tokens": 4, "temperature": 0.7, "top_k": top_k, "top_p": top_p, "seed": 3, "num_samples": 2}
+    plain = generate(model, PROMPTS, **kw)
+    results = generate(model, PROMPTS, **kw, with_entropy=True)
+    assert [r.tokens for r in results] == [r.tokens for r in plain] and plain[0].entropies is None
+    for res in results:
+        seq = list(PROMPTS[res.prompt_index])
+        assert len(res.entropies) == len(res.tokens)
+        for tok, ent in zip(res.tokens, res.entropies, strict=True):
+            with torch.no_grad():
+                logp = (model(torch.tensor([seq]))[0, -1] / 0.7).log_softmax(-1)
+            assert ent == pytest.approx(float(-(logp.exp() * logp).sum()), abs=1e-4)
+            seq.append(tok)
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy(model):
     greedy = [r.tokens for r in generate(model, PROMPTS, max_new_tokens=6, temperature=0)]
     assert [r.tokens for r in generate(model, PROMPTS, max_new_tokens=6, top_k=1, seed=0)] == greedy

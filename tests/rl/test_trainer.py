@@ -239,6 +239,21 @@ def test_update_leaves_out_groups_without_signal_and_keeps_the_gradient(tiny_bas
         torch.testing.assert_close(got[n], want[n], atol=ATOL, rtol=RTOL, msg=f"gradient of {n}")
 
 
+def test_the_sampler_entropy_is_the_trainers_entropy(tiny_base):
+    """The logged entropy comes from the sampler's per-token entropies (no second pass over the vocabulary);
+    at mu = 1 it is the entropy the trainer's own forward gives over the same completions."""
+    tok, problems = tiny_base.tokenizer(), tiny_base.problems()
+    cfg = GRPOConfig(group_size=4, prompts_per_step=4, temperature=0.7)
+    sampler = GRPOTrainer(tiny_base.load(), tok, problems, cfg, REWARDS, seed=3)
+    ro = sampler.rollout()
+    assert all(r.entropies is not None and len(r.entropies) == len(r.tokens) for r in ro.results)
+    stripped = copy.deepcopy(ro)
+    for r in stripped.results:
+        r.entropies = None
+    forward = GRPOTrainer(tiny_base.load(), tok, problems, cfg, REWARDS, seed=3)
+    assert sampler.update(ro)["entropy"] == pytest.approx(forward.update(stripped)["entropy"], rel=1e-4)
+
+
 def test_mu_updates_reuse_the_rollout_with_ratios_away_from_one(tiny_base):
     model, tok = tiny_base.load(), tiny_base.tokenizer()
     one = GRPOTrainer(model, tok, tiny_base.problems(), GRPOConfig(group_size=4, prompts_per_step=4, mu=1,

@@ -23,7 +23,7 @@ from torch.library import custom_op
 
 from . import reference as ref
 from .backend import resolve, triton_op
-from .reference.chunked import chunked_backward, chunked_forward, scale_precomputed
+from .reference.chunked import chunked_backward, chunked_forward, keeps_rows, scale_precomputed
 from .reference.cross_entropy import ce_row_fn
 from .reference.distill import distill_row_fn, logits_distill_bwd, logits_distill_fwd, logits_row_fn
 
@@ -168,20 +168,30 @@ def _chunked(h, w, valid, row_fn, reduction, chunk, need_dh, need_dw):
     return out, _or_empty(dh, h), _or_empty(dw, h, F32)
 
 
-def _chunked_fake(h, w, reduction, need_dh, need_dw):
+def _chunked_fake(h, w, reduction, chunk, need_dh, need_dw):
     pre = reduction != "none"
     out = h.new_empty((h.shape[0],) if reduction == "none" else (), dtype=F32)
+    if keeps_rows(h.shape[0], reduction, chunk, need_dh, need_dw):  # the kept rows G in dh's place
+        return out, h.new_empty((h.shape[0], w.shape[0]), dtype=F32), h.new_empty(0, dtype=F32)
     dh = h.new_empty(h.shape if pre and need_dh else 0)
     return out, dh, h.new_empty(w.shape if pre and need_dw else 0, dtype=F32)
 
 
 def _chunked_setup(ctx, saved_if_none, output, reduction, w):
-    """Save what the backward needs: the forward's gradients (mean/sum) or the inputs (none)."""
+    """Save what the backward needs: the forward's gradients (mean/sum), or for none the inputs and, when
+    the forward kept them (`keeps_rows`), the rows d loss_t / d logits_t it returned in dh's place."""
     ctx.reduction, ctx.w_dtype = reduction, w.dtype
     if reduction == "none":
-        ctx.save_for_backward(*saved_if_none)
+        ctx.kept_rows = output[1].numel() > 0
+        ctx.save_for_backward(*saved_if_none, output[1])
     else:
         ctx.save_for_backward(output[1], output[2])
+
+
+def _kept_rows_grad(ctx, h, w, valid, rows, grad):
+    """Backward of reduction none from the kept rows (plain torch ops: nothing to recompute)."""
+    need_dh, need_dw = ctx.needs_input_grad[:2]
+    return chunked_backward(h, w, valid, None, h.shape[0], grad, need_dh, need_dw, rows=rows)
 
 
 def _scaled(ctx, grad):
@@ -194,7 +204,8 @@ def fused_linear_cross_entropy(
     h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, z_loss: float, reduction: str,
     temperature: float, chunk: int, need_dh: bool, need_dw: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (loss, d loss / d h, d loss / d weight fp32); the gradients only for mean/sum when asked for."""
+    """-> (loss, d loss / d h, d loss / d weight fp32); the gradients only for mean/sum when asked for. For
+    none when `keeps_rows` (one chunk): (losses, d loss_t / d logits_t (N, V) fp32, empty) for the backward."""
     rows = triton_op("cross_entropy").cross_entropy_rows if _triton(h, "fused_linear_cross_entropy") else None
     row_fn = ce_row_fn(targets, ignore_index, z_loss, temperature, rows)
     return _chunked(h, weight, targets != ignore_index, row_fn, reduction, chunk, need_dh, need_dw)
@@ -202,7 +213,7 @@ def fused_linear_cross_entropy(
 
 @fused_linear_cross_entropy.register_fake
 def _(h, weight, targets, ignore_index, z_loss, reduction, temperature, chunk, need_dh, need_dw):
-    return _chunked_fake(h, weight, reduction, need_dh, need_dw)
+    return _chunked_fake(h, weight, reduction, chunk, need_dh, need_dw)
 
 
 @custom_op("moeflow::fused_linear_cross_entropy_backward", mutates_args=())
@@ -232,8 +243,11 @@ def _ce_setup(ctx, inputs, output):
 def _ce_grad(ctx, grad, _dh, _dw):
     if ctx.reduction != "none":
         dh, dw = _scaled(ctx, grad)
+    elif ctx.kept_rows:
+        h, weight, targets, rows = ctx.saved_tensors
+        dh, dw = _kept_rows_grad(ctx, h, weight, targets != ctx.args[0], rows, grad)
     else:
-        h, weight, targets = ctx.saved_tensors
+        h, weight, targets, _ = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[:2]
         dh, dw = torch.ops.moeflow.fused_linear_cross_entropy_backward(h, weight, targets, grad, *ctx.args,
                                                                        need_dh, need_dw)
@@ -249,7 +263,8 @@ def fused_linear_distill_loss(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, valid: Tensor, kind: str, beta: float, temperature: float,
     reduction: str, chunk: int, need_dh: bool, need_dw: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (loss, d loss / d h_s, d loss / d w_s fp32); the teacher gets no gradient."""
+    """-> (loss, d loss / d h_s, d loss / d w_s fp32); the teacher gets no gradient. For none, as
+    `fused_linear_cross_entropy`."""
     rows = triton_op("distill").distill_rows if _triton(h_s, "fused_linear_distill_loss") else None
     row_fn = distill_row_fn(h_t, w_t, kind, beta, temperature, rows)
     return _chunked(h_s, w_s, valid, row_fn, reduction, chunk, need_dh, need_dw)
@@ -257,7 +272,7 @@ def fused_linear_distill_loss(
 
 @fused_linear_distill_loss.register_fake
 def _(h_s, w_s, h_t, w_t, valid, kind, beta, temperature, reduction, chunk, need_dh, need_dw):
-    return _chunked_fake(h_s, w_s, reduction, need_dh, need_dw)
+    return _chunked_fake(h_s, w_s, reduction, chunk, need_dh, need_dw)
 
 
 @custom_op("moeflow::fused_linear_distill_loss_backward", mutates_args=())
@@ -285,8 +300,11 @@ def _distill_setup(ctx, inputs, output):
 def _distill_grad(ctx, grad, _dh, _dw):
     if ctx.reduction != "none":
         dh, dw = _scaled(ctx, grad)
+    elif ctx.kept_rows:
+        h_s, w_s, _, _, valid, rows = ctx.saved_tensors
+        dh, dw = _kept_rows_grad(ctx, h_s, w_s, valid, rows, grad)
     else:
-        h_s, w_s, h_t, w_t, valid = ctx.saved_tensors
+        h_s, w_s, h_t, w_t, valid, _ = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[:2]
         dh, dw = torch.ops.moeflow.fused_linear_distill_loss_backward(h_s, w_s, h_t, w_t, valid, grad, *ctx.args,
                                                                       need_dh, need_dw)

@@ -9,8 +9,11 @@ Gradients. With ``G`` = d loss / d logits of a chunk (already scaled by the redu
 ``dh_chunk = G W`` and ``dW += G^T h_chunk`` (fp32 accumulator).
 - reduction ``mean``/``sum`` (a scalar loss): G is computed during the forward and dh, dW are kept, so the
   backward only scales them by the incoming scalar (3 GEMMs in all, Liger-Kernel's scheme);
-- reduction ``none`` (per-token losses, e.g. RL token log-probs): the backward recomputes each chunk's
-  logits, because the upstream gradient weighs every token differently (4 GEMMs).
+- reduction ``none`` (per-token losses, e.g. RL token log-probs): the upstream gradient weighs every token
+  differently, so the forward cannot finish dh and dW. When all the tokens fit one chunk, the forward keeps
+  that chunk's G (unscaled, fp32: no more memory than the chunk's logits, now held until the backward) and
+  the backward weighs it (3 GEMMs, no second softmax pass); otherwise the backward recomputes each chunk's
+  logits (4 GEMMs). Both give the same bits: the same operations on the same values.
 """
 
 from __future__ import annotations
@@ -48,10 +51,20 @@ def _accumulate_dw(dw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None
         dw += (g.T @ h_c).float()
 
 
+def keeps_rows(n_tokens: int, reduction: str, chunk: int, need_dh: bool, need_dw: bool) -> bool:
+    """Whether the forward of reduction ``none`` keeps d loss_t / d logits_t for the backward (one chunk)."""
+    return reduction == "none" and (need_dh or need_dw) and n_tokens <= chunk
+
+
 def chunked_forward(h, w, valid, row_fn: RowFn, reduction: str, chunk: int, need_dh: bool, need_dw: bool):
     """-> (loss, dh, dw32): the reduced loss (or ``(N,)`` losses) and, for ``mean``/``sum`` with need_dh /
-    need_dw, d loss / d h ``(N, d)`` in h's dtype and d loss / d w ``(V, d)`` fp32 (else None)."""
+    need_dw, d loss / d h ``(N, d)`` in h's dtype and d loss / d w ``(V, d)`` fp32 (else None). For ``none``
+    when `keeps_rows`: (losses, G = d loss_t / d logits_t ``(N, V)`` fp32, None)."""
     N = h.shape[0]
+    if keeps_rows(N, reduction, chunk, need_dh, need_dw):
+        z = _logits(h, w)
+        loss = row_fn(z, 0, N, True) * valid
+        return loss, z, None
     n_valid = valid.sum()
     # per-token factor of the reduction: mean divides by the number of valid tokens (at least 1)
     scale = valid.float() / n_valid.clamp(min=1) if reduction == "mean" else valid.float()
@@ -76,17 +89,23 @@ def chunked_forward(h, w, valid, row_fn: RowFn, reduction: str, chunk: int, need
     return (total / n_valid.clamp(min=1) if reduction == "mean" else total), dh, dw
 
 
-def chunked_backward(h, w, valid, row_fn: RowFn, chunk: int, grad, need_dh: bool, need_dw: bool):
-    """Backward of reduction ``none``: recompute each chunk's logits, weigh d loss_t by ``grad[t]``.
+def chunked_backward(h, w, valid, row_fn: RowFn | None, chunk: int, grad, need_dh: bool, need_dw: bool,
+                     rows: torch.Tensor | None = None):
+    """Backward of reduction ``none``: weigh d loss_t by ``grad[t]``, with d loss / d logits from ``rows``
+    (what the forward kept, see `keeps_rows`) or recomputed chunk by chunk with ``row_fn``.
     -> (dh in h's dtype or None, dw in w's dtype or None)."""
     dh = torch.empty_like(h) if need_dh else None
     dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
     g_tok = grad.float() * valid
     for s in range(0, h.shape[0], chunk):
         e = min(s + chunk, h.shape[0])
-        z = _logits(h[s:e], w)
-        row_fn(z, s, e, True)
-        g = z.mul_(g_tok[s:e, None]).to(h.dtype)
+        if rows is not None:
+            g = (rows[s:e] * g_tok[s:e, None]).to(h.dtype)
+        else:
+            assert row_fn is not None
+            z = _logits(h[s:e], w)
+            row_fn(z, s, e, True)
+            g = z.mul_(g_tok[s:e, None]).to(h.dtype)
         if dh is not None:
             torch.mm(g, w, out=dh[s:e])
         if dw is not None:
@@ -107,16 +126,16 @@ class ChunkedLinearLoss(torch.autograd.Function):
         ctx.reduction, ctx.chunk, ctx.row_fn, ctx.w_dtype = reduction, chunk, row_fn, w.dtype
         if reduction != "none":
             ctx.save_for_backward(dh, dw)
-        elif need_dh or need_dw:
-            ctx.save_for_backward(h, w, valid)
+        elif need_dh or need_dw:  # dh holds the kept rows G when keeps_rows, else None
+            ctx.save_for_backward(h, w, valid, dh)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.reduction != "none":
             return (*scale_precomputed(*ctx.saved_tensors, grad, ctx.w_dtype), None, None, None, None)
-        h, w, valid = ctx.saved_tensors
-        dh, dw = chunked_backward(h, w, valid, ctx.row_fn, ctx.chunk, grad, *ctx.needs_input_grad[:2])
+        h, w, valid, rows = ctx.saved_tensors
+        dh, dw = chunked_backward(h, w, valid, ctx.row_fn, ctx.chunk, grad, *ctx.needs_input_grad[:2], rows=rows)
         return dh, dw, None, None, None, None
 
 

@@ -114,6 +114,40 @@ def test_logits_exist_one_chunk_at_a_time(seed, reduction):
     assert max(seen) <= 16 and sum(seen) == 50 * (2 if reduction == "none" else 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["reference", "custom-op"])
+def test_none_in_one_chunk_keeps_its_rows_and_gives_the_recomputed_bits(seed, monkeypatch, op, dtype):
+    """Reduction none with every token in one chunk: the forward keeps d loss / d logits, so the backward
+    computes no logits (one row-function call in all), and the result is the recomputing backward's, bit
+    for bit (the same operations on the same values)."""
+    from kernels.reference import chunked
+
+    h, w, t = _inputs(dtype, n=50, d=8, v=30)
+    g = torch.randn(50)
+    seen = []
+
+    def rows(z, targets, *args):
+        seen.append(z.shape[0])
+        return ref.cross_entropy_rows(z, targets, *args)
+
+    def run():
+        kw = dict(reduction="none", temperature=0.7, chunk_size=64)
+        if op == "reference":
+            return _run(lambda *a, **k: ref.fused_linear_cross_entropy(*a, **k, rows=rows), h, w, t, g, **kw)
+        monkeypatch.setattr("kernels.reference.cross_entropy.cross_entropy_rows", rows)
+        return _run(kernels.fused_linear_cross_entropy, h, w, t, g, **kw)
+
+    kept = run()
+    assert seen == [50]
+    monkeypatch.setattr(chunked, "keeps_rows", lambda *a: False)
+    monkeypatch.setattr("kernels.ops.keeps_rows", lambda *a: False)
+    seen.clear()
+    recomputed = run()
+    assert seen == [50, 50]
+    for name, a, b in zip(["loss", "dh", "dweight"], kept, recomputed, strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_default_chunk_holds_about_as_many_logits_as_hidden_states():
     assert ref.default_chunk_size(8192, 4096, 128256) == 256  # Liger's rule at Llama-3 scale
     assert ref.default_chunk_size(8192, 512, 32768) == 256  # floor of 2**23 logits

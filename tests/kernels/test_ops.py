@@ -40,11 +40,12 @@ def _samples() -> dict[str, tuple]:
         "swiglu": [(_g(4, 10), _g(4, 10))],
         "apply_rope": [(_g(2, 3, 7, 8), cos, sin)],
         "fused_linear_cross_entropy": [
-            (_g(10, 16), _g(37, 16), targets, -100, 1e-3, red, 1.0, 4, True, True) for red in ("mean", "none")
+            (_g(10, 16), _g(37, 16), targets, -100, 1e-3, red, 1.0, chunk, True, True)
+            for red, chunk in (("mean", 4), ("none", 4), ("none", 16))  # none in one chunk keeps its rows
         ],
         "fused_linear_distill_loss": [
             (_g(10, 16), _g(37, 16), torch.randn(10, 8), torch.randn(37, 8), torch.rand(10) > 0.2, "jsd", 0.5, 2.0,
-             red, 4, True, True) for red in ("sum", "none")
+             red, chunk, True, True) for red, chunk in (("sum", 4), ("none", 4), ("none", 16))
         ],
         "distill_loss": [(_g(10, 37), torch.randn(10, 37), torch.rand(10) > 0.2, "reverse_kl", 0.5, 1.0, "mean", 4,
                           True)],

@@ -112,6 +112,7 @@ def run_moeflow(s: Setup, seed: int, log_every: int) -> dict[str, Any]:
             print(f"  moeflow seed {seed} step {trainer.step}: reward {m['reward/total']:.3f} "
                   f"acc {m['reward/accuracy']:.3f} ent {m.get('entropy', float('nan')):.3f}", flush=True)
     seconds = time.perf_counter() - t0
+    trainer.close()
     model.eval()
     after = heldout_eval(model, s.tokenizer, s.heldout, s.cfg)
     return {"before": before, "after": after, "train_seconds": seconds,

@@ -23,7 +23,10 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 def test_doctor_checks_services_and_masks_secrets(moeflow_home, s3_env):
     secret = "do-not-print-this-secret"
-    ok = cli("doctor", "--json", env={"MOEFLOW_STORE_URI": s3_env, "MOEFLOW_S3__SECRET_ACCESS_KEY": secret})
+    # a generous service timeout: creating the SQLite tracking store took over the default 10 s on an
+    # oversubscribed machine (a fresh-clone `make test` beside two pipeline runs); this test is not a timer
+    ok = cli("doctor", "--json", env={"MOEFLOW_STORE_URI": s3_env, "MOEFLOW_S3__SECRET_ACCESS_KEY": secret,
+                                      "MOEFLOW_SERVICE_TIMEOUT_S": "120"})
     assert ok.returncode == 0, ok.stderr[-2000:]
     report = json.loads(ok.stdout.strip().splitlines()[-1])
     assert {c["name"]: c["ok"] for c in report["checks"]} == {"store": True, "tracking": True, "prefect": True}

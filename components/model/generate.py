@@ -67,8 +67,8 @@ def sample_next(
         full_BV = logp_BV.exp() if with_entropy else None
     else:
         logp_BV = (logits_BV / temperature).log_softmax(-1)
-        full_BV = logp_BV.exp()
         filtered = 0 < top_k < logp_BV.shape[-1] or top_p < 1.0
+        full_BV = logp_BV.exp() if with_entropy or not filtered else None
         # the filter keeps the order of the scores, so it may act on the log-probs (a shift of the logits)
         tok_B = draw(_filter_logits(logp_BV, top_k, top_p).exp() if filtered else full_BV, generator)
     entropy_B = -(full_BV * logp_BV).nan_to_num_().sum(-1) if with_entropy else None

@@ -279,10 +279,15 @@ class RLRun:
                  g.aggregation, g.advantage_scale, ", dynamic sampling" if g.dynamic_sampling else "")
         t_loop = t_start = time.perf_counter()
         first_step = trainer.step  # a resumed run's pace counts from where it resumed
+        def evaluates(step: int) -> bool:
+            return bool(cfg.eval.every) and step % cfg.eval.every == 0 and step < g.steps
+
+        def checkpoints(step: int) -> bool:
+            return step % cfg.checkpoint.every == 0 and step < g.steps
+
         while trainer.step < g.steps:
             nxt = trainer.step + 1  # an evaluation or checkpoint after this step drains an overlapped rollout
-            m = trainer.train_step(prefetch=not ((cfg.eval.every and nxt % cfg.eval.every == 0)
-                                                 or nxt % cfg.checkpoint.every == 0))
+            m = trainer.train_step(prefetch=not (evaluates(nxt) or checkpoints(nxt)))
             step = trainer.step
             ctx.tracker.log_metrics({k: v for k, v in m.items() if k != "step"}, step=step)
             if step % cfg.log_every == 0 or step == 1 or step == g.steps:
@@ -292,9 +297,9 @@ class RLRun:
                          m["kl_sampler"], m["clip_fraction"], m.get("entropy", float("nan")), m["groups/dropped"],
                          m["time/step_s"], eta(step - first_step, g.steps - first_step,
                                                time.perf_counter() - t_start))
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < g.steps:
+            if evaluates(step):
                 self.evaluate(self.model, step, f"step {step}")
-            if step % cfg.checkpoint.every == 0 and step < g.steps:
+            if checkpoints(step):
                 self.seconds["rl"] += time.perf_counter() - t_loop
                 t_loop = time.perf_counter()
                 self.save_checkpoint(trainer)

@@ -500,10 +500,7 @@ class GRPOTrainer:
                 p.requires_grad_(False)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="moeflow-rollout")
         else:
-            with torch.no_grad():
-                for dst, src in zip(self._sampler.state_dict().values(), self.model.state_dict().values(),
-                                    strict=True):
-                    dst.copy_(src)
+            self._sampler.load_state_dict(self.model.state_dict())
         assert self._executor is not None
         self._pending = self._executor.submit(self.rollout, self._sampler, self.step)
 

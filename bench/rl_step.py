@@ -13,9 +13,10 @@ On the tiny preset's settings (`configs/tiny.yaml`'s `rl` section, `--set` overr
   entropy from a second pass over the vocabulary, the loss's logits recomputed in the backward); and with
   one forward per prompt + completion row besides (the baseline before shared prompts). The log-probs of
   the two forwards are compared on that rollout;
-- training steps: `--steps` `GRPOTrainer.train_step`s from the base, sequential and with
-  `grpo.overlap_rollout` (the next rollout in a background thread during the update), twice each,
-  alternating; the median step of each (the first two steps of every run left out).
+- training steps: `--steps` `GRPOTrainer.train_step`s from the base: sequential, and with
+  `grpo.overlap_rollout` (the next rollout sampled during the update) in a thread of the trainer's process
+  and in a sampler process (`grpo.rollout_worker`), twice each, alternating; the median step of each (the
+  first two steps of every run left out).
 The medians go to `bench/results/rl_step_cpu.md` (+ `.json`).
 """
 
@@ -96,8 +97,9 @@ def measure(s: Setup, reps: int, steps: int) -> dict[str, Any]:
                                     "session7": lambda: update_with(True, True),
                                     "row_forward": lambda: update_with(False, True)}, reps))
 
-    def step_time(overlap: bool) -> float:
-        g = s.cfg.grpo.model_copy(update={"overlap_rollout": overlap, "steps": max(steps, g0.steps)})
+    def step_time(mode: str) -> float:
+        g = s.cfg.grpo.model_copy(update={"overlap_rollout": mode != "sequential", "steps": max(steps, g0.steps),
+                                          "rollout_worker": "process" if mode == "process" else "thread"})
         t = GRPOTrainer(s.base(), s.tokenizer, s.pool, g, s.cfg.rewards, seed=0)
         try:
             for _ in range(steps):
@@ -107,10 +109,10 @@ def measure(s: Setup, reps: int, steps: int) -> dict[str, Any]:
         return statistics.median(h["time/step_s"] for h in t.history[2:])
 
     g0 = s.cfg.grpo
-    runs: dict[str, list[float]] = {"sequential": [], "overlapped": []}
+    runs: dict[str, list[float]] = {"sequential": [], "overlapped": [], "process": []}
     for _ in range(2):
-        runs["sequential"].append(step_time(False))
-        runs["overlapped"].append(step_time(True))
+        for mode, times in runs.items():
+            times.append(step_time(mode))
     out["step_s"] = {k: statistics.median(v) for k, v in runs.items()}
     out["steps"] = steps
     return out
@@ -134,7 +136,10 @@ def markdown(r: dict[str, Any], header: str) -> str:
         f"| sampler entropy, kept rows {upd['shipped']:.3f} s | {upd['session7'] / upd['shipped']:.2f}x |",
         f"| rollout + update | {before:.3f} s | {after:.3f} s | {before / after:.2f}x |",
         f"| training step (median of {r['steps'] - 2}, 2 runs each) | sequential {step['sequential']:.3f} s "
-        f"| overlapped rollout {step['overlapped']:.3f} s | {step['sequential'] / step['overlapped']:.2f}x |", "",
+        f"| overlapped rollout, sampler thread {step['overlapped']:.3f} s | "
+        f"{step['sequential'] / step['overlapped']:.2f}x |",
+        f"| training step, overlapped rollout | sampler thread {step['overlapped']:.3f} s | sampler process "
+        f"{step['process']:.3f} s | {step['overlapped'] / step['process']:.2f}x |", "",
         f"Log-probs of the two update forwards on that rollout: largest difference {r['logp_max_abs_diff']:.1e}.",
         "A training step also computes rewards, metrics and checkpoints; `moeflow rl` logs its seconds a step.",
     ]) + "\n"

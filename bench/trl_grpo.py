@@ -82,7 +82,7 @@ class Setup:
 
     def base(self):
         from components.refs import checkpoint as ckpt
-        from components.rl.trainer import warm_rope
+        from components.rl.sampler import warm_rope
 
         model, _ = ckpt.load_model(self.model_dir)
         warm_rope(model)
@@ -184,7 +184,7 @@ def run_trl(s: Setup, seed: int, log_every: int, workdir: Path) -> dict[str, Any
     from transformers import TrainerCallback
 
     from components.model.hf import load_pretrained
-    from components.rl.trainer import warm_rope
+    from components.rl.sampler import warm_rope
 
     step_times: list[float] = []
     log_rows: list[dict[str, float]] = []

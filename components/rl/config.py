@@ -85,10 +85,16 @@ class GRPOConfig(Strict):
         True, description="policy forward: each prompt once, its G completions against its KV cache (the same "
         "log-probs up to float rounding, fewer tokens); false: one forward per prompt + completion row")
     overlap_rollout: bool = Field(
-        False, description="sample the next step's groups in a background thread, from a copy of the weights "
-        "before this step's update, while the update runs (one step off-policy: the clipped ratio to the "
-        "sampler's log-probs corrects it); each side gets half the torch threads and the copy costs one more "
-        "set of weights. Checkpoints and evaluations drain it, so a resumed run repeats the same samples")
+        False, description="sample the next step's groups in the background (see rollout_worker), from a copy "
+        "of the weights before this step's update, while the update runs (one step off-policy: the clipped "
+        "ratio to the sampler's log-probs corrects it); each side gets half the torch threads and the copy "
+        "costs one more set of weights. Checkpoints and evaluations drain it, so a resumed run repeats the "
+        "same samples")
+    rollout_worker: Literal["auto", "process", "thread"] = Field(
+        "auto", description="overlap_rollout: where the next step's groups are sampled: a process of its own "
+        "holding a shared-memory copy of the weights (no Python lock shared with the update; CPU only), or a "
+        "thread of the trainer's process (any device); auto: the process on CPU, else the thread. The same "
+        "samples either way")
     dynamic_sampling: bool = Field(
         False, description="DAPO: drop groups whose rewards are all equal, sample more prompts to refill")
     max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: rollout rounds per step at most")

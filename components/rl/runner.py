@@ -33,7 +33,8 @@ from components.refs import checkpoint as ckpt
 from components.refs.models import local_dir
 from components.rl import report
 from components.rl.config import RLConfig
-from components.rl.trainer import GRPOTrainer, reference_copy, warm_rope
+from components.rl.sampler import warm_rope
+from components.rl.trainer import GRPOTrainer, reference_copy
 from components.tasks import Problem, make_split
 from infra import storage
 from infra.contract import ConfigError, StageContext, StageOutput

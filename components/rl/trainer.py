@@ -24,8 +24,10 @@ position `len(prompt) + t - 1` predicts completion token t.
 
 Overlapped rollouts (`overlap_rollout`): while step t's update runs, a background thread samples step t+1's
 groups from a copy of the weights before that update (one step off-policy, as in asynchronous RL systems;
-pi_old is the sampler's, so the clipped ratio corrects for the lag). Python threads overlap here because
-torch releases the GIL inside its ops; each side runs with half the intra-op threads. The prompts and
+pi_old is the sampler's, so the clipped ratio corrects for the lag). The sampling runs in a process of its
+own (`rollout_worker: process`, the default on CPU; `components.rl.sampler.SamplerProcess`: a shared-memory
+copy of the weights, no GIL shared with the update) or in a thread with a copy in this process (`thread`);
+each side runs with half the intra-op threads. The prompts and
 seeds of every step are those of the sequential run; only the weights that sample them lag by one update.
 `train_step(prefetch=False)` drains the pipeline (the runner asks before a checkpoint or an evaluation),
 so a checkpoint never holds an in-flight rollout and a resumed run samples exactly what the first did.
@@ -50,7 +52,7 @@ import torch
 
 import kernels
 from components.common.schedule import build_scheduler
-from components.model.generate import GenerationResult, generate
+from components.model.generate import GenerationResult
 from components.model.tokens import encode_prompts, token_id
 from components.rl.config import GRPOConfig, SamplesConfig
 from components.rl.grpo import (
@@ -60,7 +62,8 @@ from components.rl.grpo import (
     grpo_loss,
     mask_truncated,
 )
-from components.rl.rewards import RewardBatch, RewardConfig, compute_rewards
+from components.rl.rewards import RewardBatch, RewardConfig
+from components.rl.sampler import GroupSampler, Sample, SamplerProcess
 from components.sft.sft import make_optimizer
 from components.tasks import Problem, extract_answer
 from infra.contract import TrainingDiverged
@@ -96,20 +99,6 @@ class PromptStream:
     def take(self, cursor: int, k: int) -> list[int]:
         """Pool indices of stream positions cursor .. cursor + k - 1."""
         return [self._order(pos // self.n)[pos % self.n] for pos in range(cursor, cursor + k)]
-
-
-def warm_rope(model: torch.nn.Module) -> None:
-    """Build the model's cached RoPE tables for every position, outside inference mode.
-
-    `generate` runs under `torch.inference_mode()`; a table first built there is an inference tensor, and
-    the next training forward that reads it fails ("Inference tensors cannot be saved for backward").
-    Building the full-length table first keeps `generate` from ever rebuilding it. Reported to the model's
-    owner; remove once the model builds its tables outside inference mode.
-    """
-    rope = getattr(model, "_rope", None)
-    if rope is not None:
-        with torch.inference_mode(False):
-            rope(0, model.cfg.max_position_embeddings, model.output_weight().device)
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -200,9 +189,13 @@ def token_logprobs(model: torch.nn.Module, batch: PolicyBatch, temperature: floa
         h_BTD = h_BLD.gather(1, batch.positions_BT.unsqueeze(-1).expand(B, T, h_BLD.shape[-1]))
     D = h_BTD.shape[-1]
     W_VD = model.output_weight()
-    ce_N = kernels.fused_linear_cross_entropy(h_BTD.reshape(-1, D), W_VD, batch.targets_BT.reshape(-1),
-                                              ignore_index=IGNORE_INDEX, reduction="none", temperature=temperature)
-    logp_BT = -ce_N.view(B, T)
+    # the output layer over the real tokens only: a group's completions differ in length, and the padding
+    # (~15% of the rows on the tiny preset) would otherwise go through the vocabulary GEMMs and softmax
+    idx_N = batch.valid_BT.reshape(-1).nonzero().squeeze(1).to(h_BTD.device)
+    ce_N = kernels.fused_linear_cross_entropy(h_BTD.reshape(-1, D).index_select(0, idx_N), W_VD,
+                                              batch.targets_BT.reshape(-1).to(h_BTD.device).index_select(0, idx_N),
+                                              reduction="none", temperature=temperature)
+    logp_BT = h_BTD.new_zeros(B * T, dtype=ce_N.dtype).index_copy(0, idx_N, -ce_N).view(B, T)
     entropy = None
     if with_entropy:
         with torch.no_grad():
@@ -278,6 +271,8 @@ class GRPOTrainer:
         stop = token_id(tokenizer, "</answer>")
         self.stop_ids = [] if stop is None else [stop]
         self.prompt_ids = encode_prompts(tokenizer, [p.prompt for p in self.problems], self.bos)
+        self.sampler = GroupSampler(tokenizer, self.problems, self.prompt_ids, cfg.group_size, cfg.temperature,
+                                    cfg.top_p, cfg.top_k, self.stop_ids, seed, rewards)
         self.stream = PromptStream(len(self.problems), seed)
         self.optimizer = make_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.schedule)
@@ -285,7 +280,8 @@ class GRPOTrainer:
         self.cursor = 0
         self.history: list[dict[str, float]] = []
         self.sample_rows: list[dict[str, Any]] = []
-        self._sampler: torch.nn.Module | None = None  # overlap_rollout: the weights the next rollout samples
+        # overlap_rollout: the weights the next rollout samples (a copy here, or a sampler process's)
+        self._sampler: torch.nn.Module | SamplerProcess | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[Rollout] | None = None
 
@@ -298,22 +294,12 @@ class GRPOTrainer:
             p.requires_grad_(False)
 
     # --- rollouts -----------------------------------------------------------------------------------
-    def _sample(self, model: torch.nn.Module, idx: list[int], step: int,
-                round_: int) -> tuple[list[GenerationResult], list[str], RewardBatch]:
-        cfg = self.cfg
-        warm_rope(model)
-        prompts = [self.prompt_ids[i] for i in idx]
-        results = generate(model, prompts, max_new_tokens=self.reward_cfg.max_completion_len,
-                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                           stop_token_ids=self.stop_ids, num_samples=cfg.group_size,
-                           seed=self.seed * 1_000_003 + step * 101 + round_, with_entropy=True)
-        texts = [self.tokenizer.decode(r.tokens) for r in results]
-        problems = [self.problems[idx[r.prompt_index]] for r in results]
-        rewards = compute_rewards(problems, texts, [len(r.tokens) for r in results],
-                                  [r.finish_reason == "length" for r in results], self.reward_cfg)
-        return results, texts, rewards
+    def _sample(self, model: torch.nn.Module | SamplerProcess, idx: list[int], step: int, round_: int) -> Sample:
+        if isinstance(model, SamplerProcess):
+            return model.sample(idx, step, round_)
+        return self.sampler(model, idx, step, round_)
 
-    def rollout(self, model: torch.nn.Module | None = None, step: int | None = None) -> Rollout:
+    def rollout(self, model: torch.nn.Module | SamplerProcess | None = None, step: int | None = None) -> Rollout:
         """Sample the groups of the step after `step` (default: the steps done) with `model` (default the
         policy); dynamic sampling refills dropped groups. Advances the prompt cursor."""
         cfg, G = self.cfg, self.cfg.group_size
@@ -493,12 +479,21 @@ class GRPOTrainer:
 
     # --- overlapped rollouts ------------------------------------------------------------------------
     def _start_rollout(self) -> None:
-        """Sample the next step's groups in the background from a copy of the current (pre-update) weights."""
+        """Sample the next step's groups in the background from a copy of the current (pre-update) weights:
+        in a thread, with a copy in this process, or through a sampler process (`rollout_worker`)."""
         if self._sampler is None:
-            self._sampler = copy.deepcopy(self.model).eval()
-            for p in self._sampler.parameters():
-                p.requires_grad_(False)
+            worker = self.cfg.rollout_worker
+            if worker == "auto":
+                worker = "process" if all(p.device.type == "cpu" for p in self.model.parameters()) else "thread"
+            if worker == "process":
+                self._sampler = SamplerProcess(self.model, self.sampler, torch.get_num_threads(), ROLLOUT_WAIT_S)
+            else:
+                self._sampler = copy.deepcopy(self.model).eval()
+                for p in self._sampler.parameters():
+                    p.requires_grad_(False)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="moeflow-rollout")
+        elif isinstance(self._sampler, SamplerProcess):
+            self._sampler.load_weights(self.model)
         else:
             self._sampler.load_state_dict(self.model.state_dict())
         assert self._executor is not None
@@ -523,6 +518,8 @@ class GRPOTrainer:
         finished and discarded, its prompts stay consumed."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if isinstance(self._sampler, SamplerProcess):
+            self._sampler.close()
         self._executor, self._sampler, self._pending = None, None, None
 
     # --- checkpoints --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from components.model.generate import GenerationResult
 from components.rl.config import GRPOConfig
 from components.rl.grpo import group_advantages
 from components.rl.rewards import RewardConfig
+from components.rl.sampler import GroupSampler, SamplerProcess
 from components.rl.trainer import (
     IGNORE_INDEX,
     GRPOTrainer,
@@ -92,6 +93,18 @@ def test_token_logprobs_equal_a_per_sequence_full_softmax_with_gradients(tempera
             torch.testing.assert_close(got_grads[n], p.grad, atol=ATOL, rtol=RTOL, msg=f"gradient of {n}")
     assert set(got_grads) == {n for n, p in ref_model.named_parameters() if p.grad is not None}
     assert entropy == pytest.approx(ent_sum / n_tok, rel=1e-5)
+
+
+def test_token_logprobs_of_empty_completions_are_zero_and_differentiable():
+    """Completions that stopped at once leave no real token: the output layer gets none, the log-probs are 0
+    and the loss still backpropagates (to nothing)."""
+    model = random_model()
+    prompts, results = fake_results([5, 3], [0, 0, 0], vocab=97, seed=3)
+    batch = build_batch(prompts, results, pad_id=2)
+    for shared in (False, True):
+        logp_BT, _ = token_logprobs(model, batch, 0.7, shared_prompts=shared)
+        assert logp_BT.shape == (3, 1) and torch.all(logp_BT == 0)
+        logp_BT.sum().backward()
 
 
 def test_build_batch_marks_completion_tokens_and_truncation():
@@ -369,12 +382,15 @@ def _tokens(ro) -> list[list[int]]:
     return [r.tokens for r in ro.results]
 
 
-def test_overlapped_rollouts_sample_the_same_prompts_from_the_weights_one_update_behind(tiny_base):
-    """With `overlap_rollout`, step t+1's groups are sampled (in a background thread) from the weights
-    before step t's update, with the sequential run's prompts and seeds; a sequential replay of that
-    schedule gives the same samples, log-probs and final weights bit for bit (one thread on both sides)."""
+@pytest.mark.parametrize("worker", ["process", "thread"])
+def test_overlapped_rollouts_sample_the_same_prompts_from_the_weights_one_update_behind(tiny_base, worker):
+    """With `overlap_rollout`, step t+1's groups are sampled (in a sampler process, or a background thread)
+    from the weights before step t's update, with the sequential run's prompts and seeds; a sequential
+    replay of that schedule gives the same samples, log-probs and final weights bit for bit (one thread on
+    both sides)."""
     tok, problems = tiny_base.tokenizer(), tiny_base.problems()
-    cfg = GRPOConfig(steps=4, group_size=4, prompts_per_step=3, optim={"lr": 3e-3}, overlap_rollout=True)
+    cfg = GRPOConfig(steps=4, group_size=4, prompts_per_step=3, optim={"lr": 3e-3}, overlap_rollout=True,
+                     rollout_worker=worker)
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -405,8 +421,11 @@ def test_overlapped_rollouts_sample_the_same_prompts_from_the_weights_one_update
     assert [r.logprobs for r in on_start.results] != [r.logprobs for r in rollouts[2].results]
     for name, p in replay.model.state_dict().items():
         assert torch.equal(p, over.model.state_dict()[name]), name
+    process = over._sampler._proc if worker == "process" else None
     over.close()
     assert over._pending is None and over._executor is None
+    if process is not None:  # closing stops the worker
+        assert not process.is_alive() and process.exitcode == 0
 
 
 def test_an_overlapped_run_drained_at_a_checkpoint_resumes_exactly(tiny_base):
@@ -433,3 +452,49 @@ def test_an_overlapped_run_drained_at_a_checkpoint_resumes_exactly(tiny_base):
     assert rest == curve[2:]
     for name, p in resumed.model.state_dict().items():
         assert torch.equal(p, straight.model.state_dict()[name]), name
+
+
+def _sampler_process(tiny_base, **kw) -> tuple[SamplerProcess, GroupSampler]:
+    tok, problems = tiny_base.tokenizer(), tiny_base.problems()
+    trainer = GRPOTrainer(tiny_base.load(), tok, problems, GRPOConfig(group_size=2, prompts_per_step=2), REWARDS)
+    return SamplerProcess(trainer.model, trainer.sampler, threads=1, **kw), trainer.sampler
+
+
+def test_the_sampler_process_samples_what_this_process_samples_with_the_weights_it_was_given(tiny_base):
+    """The worker's answer equals sampling here with the same weights (bit for bit, one thread), and it
+    follows `load_weights`: new weights, new log-probs."""
+    proc, sampler = _sampler_process(tiny_base, timeout_s=120)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_base.load()
+        here, _, rewards_here = sampler(model, [3, 7], 0, 0)
+        there, texts, rewards_there = proc.sample([3, 7], 0, 0)
+        assert [r.tokens for r in there] == [r.tokens for r in here]
+        assert [r.logprobs for r in there] == [r.logprobs for r in here]
+        assert torch.equal(rewards_there.total, rewards_here.total) and len(texts) == len(here)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+        proc.load_weights(model)
+        moved = proc.sample([3, 7], 0, 0)[0]
+        assert [r.logprobs for r in moved] == [r.logprobs for r in sampler(model, [3, 7], 0, 0)[0]]
+        assert [r.logprobs for r in moved] != [r.logprobs for r in here]
+    finally:
+        torch.set_num_threads(saved)
+        proc.close()
+
+
+def test_the_sampler_process_reports_its_errors_and_its_death(tiny_base):
+    """An exception in the worker is raised in the trainer with the worker's traceback (and the worker
+    serves on); a worker that dies is a clear error, not a hang."""
+    proc, _ = _sampler_process(tiny_base, timeout_s=60)
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)sampling in the sampler process failed: IndexError.*traceback"):
+            proc.sample([10**9], 0, 0)  # no such prompt
+        assert len(proc.sample([1], 0, 0)[0]) == 2
+        proc._proc.kill()
+        with pytest.raises(RuntimeError, match="sampler process .* exited"):
+            proc.sample([1], 0, 0)
+    finally:
+        proc.close()

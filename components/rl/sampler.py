@@ -18,9 +18,11 @@ bits as sampling in the trainer's process with the same number of threads: the s
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -99,6 +101,28 @@ def _serve(conn: Connection, model: torch.nn.Module, sampler: GroupSampler, thre
             conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start a spawned process without re-running the parent's ``__main__`` in it.
+
+    `multiprocessing`'s spawn imports the parent's main module (by module name, else by path) in the child
+    before unpickling the target; for a user's script without an ``if __name__ == "__main__"`` guard that
+    reruns the script there, or fails ("An attempt has been made to start a new process before the current
+    process has finished its bootstrapping phase"). The worker needs nothing from ``__main__`` (its target
+    and arguments live in moeflow's modules), so the main module's name and path are hidden while the
+    process starts."""
+    main = sys.modules["__main__"]
+    saved = {k: getattr(main, k) for k in ("__spec__", "__file__") if hasattr(main, k)}
+    try:
+        main.__spec__ = None
+        if "__file__" in saved:
+            del main.__file__
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 class SamplerProcess:
     """A spawned process that samples with a shared-memory copy of `model` (see the module doc).
 
@@ -122,7 +146,8 @@ class SamplerProcess:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, self.model, sampler, threads), daemon=True,
                                  name="moeflow-sampler")
-        self._proc.start()
+        with _main_module_hidden():
+            self._proc.start()
         child.close()
         self._started = False
 

@@ -4,6 +4,11 @@ updates, the reference model, the prompt stream and resume."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +31,7 @@ from components.rl.trainer import (
 
 # (dtype, atol, rtol) of the comparisons: everything runs in float32 on the CPU
 ATOL, RTOL = 1e-5, 1e-4
+REPO = Path(__file__).resolve().parents[2]
 REWARDS = RewardConfig(max_completion_len=16, overlong_cache_len=4)
 
 
@@ -498,3 +504,36 @@ def test_the_sampler_process_reports_its_errors_and_its_death(tiny_base):
             proc.sample([1], 0, 0)
     finally:
         proc.close()
+
+
+def test_a_script_without_a_main_guard_can_overlap_its_rollouts_in_a_process(tiny_base, tmp_path):
+    """A user's plain script (no ``if __name__ == "__main__"``) that trains with the sampler process: spawn
+    must not rerun the script in the worker (which fails at the worker's start, or repeats the script)."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        from components.refs.checkpoint import load_model
+        from components.dataset.format import load_tokenizer
+        from components.rl.config import GRPOConfig
+        from components.rl.rewards import RewardConfig
+        from components.rl.trainer import GRPOTrainer
+        from components.tasks import make_split
+        from tests.rl.conftest import RECIPE, easy_family
+
+        print("script body ran", flush=True)
+        torch.set_num_threads(2)
+        model = load_model({str(tiny_base.model_dir)!r})[0]
+        cfg = GRPOConfig(steps=3, group_size=2, prompts_per_step=2, overlap_rollout=True, rollout_worker="process")
+        trainer = GRPOTrainer(model, load_tokenizer({str(tiny_base.model_dir)!r}),
+                              make_split(easy_family(), RECIPE["n_problems"], RECIPE["seed"]), cfg,
+                              RewardConfig(max_completion_len=16, overlong_cache_len=4))
+        for _ in range(3):
+            trainer.train_step()
+        trainer.close()
+        print("trained", len(trainer.history), flush=True)
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["script", "body", "ran", "trained", "3"]

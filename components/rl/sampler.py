@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import signal
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
@@ -86,12 +87,16 @@ class GroupSampler:
 
 
 def _serve(conn: Connection, model: torch.nn.Module, sampler: GroupSampler, threads: int) -> None:
-    """The worker's loop: (idx, step, round) -> ("ok", sample) or ("error", message, traceback); None stops."""
+    """The worker's loop: (idx, step, round) -> ("ok", sample) or ("error", message, traceback); None stops.
+
+    A Ctrl-C in the terminal reaches the whole process group: the worker ignores it and leaves the stopping
+    to the trainer (`close`), or ends when the trainer's end of the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     while True:
         try:
             request = conn.recv()
-        except (EOFError, KeyboardInterrupt):  # the trainer is gone, or the user's Ctrl-C reached the group
+        except EOFError:  # the trainer is gone
             return
         if request is None:
             return

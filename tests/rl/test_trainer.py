@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -493,11 +494,13 @@ def test_the_sampler_process_samples_what_this_process_samples_with_the_weights_
 
 def test_the_sampler_process_reports_its_errors_and_its_death(tiny_base):
     """An exception in the worker is raised in the trainer with the worker's traceback (and the worker
-    serves on); a worker that dies is a clear error, not a hang."""
+    serves on, as it does after a Ctrl-C); a worker that dies is a clear error, not a hang."""
     proc, _ = _sampler_process(tiny_base, timeout_s=60)
     try:
         with pytest.raises(RuntimeError, match=r"(?s)sampling in the sampler process failed: IndexError.*traceback"):
             proc.sample([10**9], 0, 0)  # no such prompt
+        assert len(proc.sample([1], 0, 0)[0]) == 2
+        os.kill(proc._proc.pid, signal.SIGINT)  # a Ctrl-C reaches the process group: the trainer decides
         assert len(proc.sample([1], 0, 0)[0]) == 2
         proc._proc.kill()
         with pytest.raises(RuntimeError, match="sampler process .* exited"):

@@ -33,8 +33,8 @@ from components.refs import checkpoint as ckpt
 from components.refs.models import local_dir
 from components.rl import report
 from components.rl.config import RLConfig
-from components.rl.sampler import warm_rope
-from components.rl.trainer import GRPOTrainer, reference_copy
+from components.rl.sampler import frozen_copy, warm_rope
+from components.rl.trainer import GRPOTrainer
 from components.tasks import Problem, make_split
 from infra import storage
 from infra.contract import ConfigError, StageContext, StageOutput
@@ -261,7 +261,7 @@ class RLRun:
             if cfg.grpo.beta > 0:  # the reference is the policy RL started from: the base or the cold start
                 start_uri = (storage.join_uri(ctx.output_uri, COLD_START_DIR) if cfg.recipe == "r1"
                              else self.inputs["model"])
-                trainer.set_reference(reference_copy(ckpt.load_model(start_uri)[0]))
+                trainer.set_reference(frozen_copy(ckpt.load_model(start_uri)[0]))
             try:
                 self.train(trainer)
             finally:

@@ -52,6 +52,14 @@ def warm_rope(model: torch.nn.Module) -> None:
             rope(0, model.cfg.max_position_embeddings, model.output_weight().device)
 
 
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` in eval mode with no gradients: what a sampler samples with, or the KL reference."""
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
 Sample = tuple[list[GenerationResult], list[str], RewardBatch]
 
 
@@ -141,11 +149,9 @@ class SamplerProcess:
             raise ValueError("a sampler process shares CPU memory with the trainer; on an accelerator, overlap "
                              "the rollout in a thread (grpo.rollout_worker: thread)")
         self.timeout_s = timeout_s
-        self.model = copy.deepcopy(model).eval()
+        self.model = frozen_copy(model)
         for name in COMPILED_METHODS:  # generation is eager; compiled methods do not pickle
             vars(self.model).pop(name, None)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         self.model.share_memory()
         ctx = torch.multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()

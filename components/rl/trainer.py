@@ -38,7 +38,6 @@ are reset every step.
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import time
@@ -63,7 +62,7 @@ from components.rl.grpo import (
     mask_truncated,
 )
 from components.rl.rewards import RewardBatch, RewardConfig
-from components.rl.sampler import GroupSampler, Sample, SamplerProcess
+from components.rl.sampler import GroupSampler, Sample, SamplerProcess, frozen_copy
 from components.sft.sft import make_optimizer
 from components.tasks import Problem, extract_answer
 from infra.contract import TrainingDiverged
@@ -488,9 +487,7 @@ class GRPOTrainer:
             if worker == "process":
                 self._sampler = SamplerProcess(self.model, self.sampler, torch.get_num_threads(), ROLLOUT_WAIT_S)
             else:
-                self._sampler = copy.deepcopy(self.model).eval()
-                for p in self._sampler.parameters():
-                    p.requires_grad_(False)
+                self._sampler = frozen_copy(self.model)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="moeflow-rollout")
         elif isinstance(self._sampler, SamplerProcess):
             self._sampler.load_weights(self.model)
@@ -536,14 +533,6 @@ class GRPOTrainer:
         self.step, self.cursor = int(state["step"]), int(state["cursor"])
         self.history = list(state["history"])
         self.sample_rows = list(state["sample_rows"])
-
-
-def reference_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of `model` (the KL reference)."""
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -20,13 +20,12 @@ from components.model.generate import GenerationResult
 from components.rl.config import GRPOConfig
 from components.rl.grpo import group_advantages
 from components.rl.rewards import RewardConfig
-from components.rl.sampler import GroupSampler, SamplerProcess
+from components.rl.sampler import GroupSampler, SamplerProcess, frozen_copy
 from components.rl.trainer import (
     IGNORE_INDEX,
     GRPOTrainer,
     PromptStream,
     build_batch,
-    reference_copy,
     token_logprobs,
 )
 
@@ -191,7 +190,7 @@ def test_update_applies_the_gradient_of_the_reference_loss(tiny_base, aggregatio
                      optim={"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0},
                      schedule={"kind": "constant", "warmup_steps": 0})
     rewards = RewardConfig(max_completion_len=12, overlong_cache_len=4)  # some completions are truncated
-    ref_model = reference_copy(model)
+    ref_model = frozen_copy(model)
     with torch.no_grad():  # a reference that differs from the policy, so that the KL term has a gradient
         for p in ref_model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -245,7 +244,7 @@ def test_update_leaves_out_groups_without_signal_and_keeps_the_gradient(tiny_bas
         return real(m, batch, *args, **kwargs)
 
     monkeypatch.setattr(trainer_mod, "token_logprobs", counting)
-    want_loss, want = reference_gradients(copy.deepcopy(model), ro, cfg, reference_copy(model),
+    want_loss, want = reference_gradients(copy.deepcopy(model), ro, cfg, frozen_copy(model),
                                           REWARDS.max_completion_len)
     got: dict[str, torch.Tensor] = {}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -293,7 +292,7 @@ def test_mu_updates_reuse_the_rollout_with_ratios_away_from_one(tiny_base):
 def test_no_reference_model_is_kept_when_beta_is_zero(tiny_base):
     model, tok = tiny_base.load(), tiny_base.tokenizer()
     trainer = GRPOTrainer(model, tok, tiny_base.problems(), GRPOConfig(group_size=2, prompts_per_step=2),
-                          REWARDS, ref_model=reference_copy(model))
+                          REWARDS, ref_model=frozen_copy(model))
     assert trainer.ref_model is None
     assert "kl" not in trainer.update(trainer.rollout())
     needs_ref = GRPOTrainer(model, tok, tiny_base.problems(), GRPOConfig(group_size=2, prompts_per_step=2,

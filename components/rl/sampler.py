@@ -32,6 +32,7 @@ import torch
 
 from components.model.compile import COMPILED_METHODS
 from components.model.generate import GenerationResult, generate
+from components.rl.config import GRPOConfig
 from components.rl.rewards import RewardBatch, RewardConfig, compute_rewards
 from components.tasks import Problem
 
@@ -70,10 +71,7 @@ class GroupSampler:
     tokenizer: Any
     problems: Sequence[Problem]
     prompt_ids: Sequence[Sequence[int]]
-    group_size: int
-    temperature: float
-    top_p: float
-    top_k: int
+    cfg: GRPOConfig  # group size, temperature, top-p/top-k
     stop_ids: Sequence[int]
     seed: int
     rewards: RewardConfig
@@ -83,9 +81,10 @@ class GroupSampler:
         of the draw depends on both)."""
         warm_rope(model)
         prompts = [self.prompt_ids[i] for i in idx]
+        cfg = self.cfg
         results = generate(model, prompts, max_new_tokens=self.rewards.max_completion_len,
-                           temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                           stop_token_ids=self.stop_ids, num_samples=self.group_size,
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           stop_token_ids=self.stop_ids, num_samples=cfg.group_size,
                            seed=self.seed * 1_000_003 + step * 101 + round_, with_entropy=True)
         texts = [self.tokenizer.decode(r.tokens) for r in results]
         problems = [self.problems[idx[r.prompt_index]] for r in results]

@@ -270,8 +270,7 @@ class GRPOTrainer:
         stop = token_id(tokenizer, "</answer>")
         self.stop_ids = [] if stop is None else [stop]
         self.prompt_ids = encode_prompts(tokenizer, [p.prompt for p in self.problems], self.bos)
-        self.sampler = GroupSampler(tokenizer, self.problems, self.prompt_ids, cfg.group_size, cfg.temperature,
-                                    cfg.top_p, cfg.top_k, self.stop_ids, seed, rewards)
+        self.sampler = GroupSampler(tokenizer, self.problems, self.prompt_ids, cfg, self.stop_ids, seed, rewards)
         self.stream = PromptStream(len(self.problems), seed)
         self.optimizer = make_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.schedule)

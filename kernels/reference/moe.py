@@ -171,6 +171,14 @@ def swiglu_mlp_bwd(dy, x, w_gate, w_up, w_down, offsets, g, u):
     return dx, segment_dw(dg, x, offsets), segment_dw(du, x, offsets), dw_down
 
 
+def ffn_fwd(x, topk_idx, topk_weight, w_gate, w_up, w_down):
+    """The routed experts' forward without autograd bookkeeping (routing, permute, grouped SwiGLU MLP,
+    combine): what the ``moeflow::`` ops compute on this backend, as one function."""
+    rows, row_slot, offsets = routing_tensors(topk_idx, w_gate.shape[0])
+    y, _, _ = swiglu_mlp_fwd(permute_fwd(x, row_slot, topk_idx.shape[1]), w_gate, w_up, w_down, offsets)
+    return combine_fwd(y.contiguous(), rows, topk_weight)
+
+
 # ------------------------------------------------------------------ differentiable reference API
 class _Permute(torch.autograd.Function):
     @staticmethod

@@ -118,3 +118,81 @@ def test_torch_backward_formulas_equal_autograd_through_the_references(seed, tor
     oracle = run(plain, torch.float32) if dtype == torch.bfloat16 else None
     tol = Tol(torch.float32, atol=1e-5, rtol=1e-5) if dtype == torch.float32 else Tol(dtype, atol=1e-3, factor=2.0)
     check_outputs(names, run(op, dtype), run(plain, dtype), tol, oracle)
+
+
+class _OpCalls:
+    """Stands in for ``torch.ops.moeflow`` inside ``kernels``: forwards every op and records its name."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def __getattr__(self, name):
+        self.names.append(name)
+        return getattr(torch.ops.moeflow, name)
+
+
+def _eager_cases(dtype=torch.float32):
+    T, K, E, D, I = 13, 3, 6, 16, 8
+    idx = torch.stack([torch.randperm(E - 1)[:K] for _ in range(T)])  # expert E-1 idle
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype)
+
+    x, w, r = rand(3, 5, D), rand(D), rand(3, 5, D)
+    cos, sin = ref.rope_cos_sin(torch.arange(7), 8, 10000.0)  # fp32 whatever x's dtype
+    moe_args = (rand(T, D), idx, torch.rand(T, K), rand(E, I, D), rand(E, I, D), rand(E, D, I))
+    op = torch.ops.moeflow
+
+    def op_moe(x, idx, wt, wg, wu, wd):
+        rows, row_slot, offsets = op.moe_routing(idx, E)
+        y = op.grouped_swiglu_mlp(op.moe_permute(x, rows, row_slot), wg, wu, wd, offsets)[0]
+        return op.moe_combine(y, rows, row_slot, wt)
+
+    return {  # name: (public call, the same computation through the custom ops, arguments)
+        "rms_norm": (lambda *a: kernels.rms_norm(*a, 1e-6), lambda *a: op.rms_norm(*a, 1e-6, None)[0], (x, w)),
+        "rms_norm+residual": (lambda *a: kernels.rms_norm(*a[:2], 1e-6, a[2]),
+                              lambda *a: op.rms_norm(*a[:2], 1e-6, a[2]), (x, w, r)),
+        "swiglu": (kernels.swiglu, op.swiglu, (rand(4, 10), rand(4, 10))),
+        "apply_rope": (kernels.apply_rope, op.apply_rope, (rand(2, 3, 7, 8), cos, sin)),
+        "moe_ffn": (kernels.moe_ffn, op_moe, moe_args),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(_eager_cases()))
+def test_eager_calls_without_gradient_skip_the_op_dispatch_with_the_same_bits(seed, monkeypatch, case, dtype):
+    """Decoding, evaluation and rollouts record no gradient: there the public functions call the torch
+    reference directly (the custom op's Python dispatch costs more than these ops on decode-sized tensors),
+    and must give the op's bits exactly. With a gradient to record, or another backend, the op runs."""
+    public, through_op, args = _eager_cases(dtype)[case]
+    calls = _OpCalls()
+    monkeypatch.setattr(kernels, "_op", calls)
+    kernels.set_backend("torch")
+    try:
+        with torch.no_grad():
+            got, want = public(*args), through_op(*args)
+        assert calls.names == [], f"{case} went through the custom ops {calls.names} with no gradient to record"
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                        strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w), f"{case}: the direct call differs from the op"
+        with torch.inference_mode():
+            public(*args)
+        assert calls.names == []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            public(*args)
+        assert calls.names, f"{case} under autocast must run the custom op (autocast skips it, not its insides)"
+        calls.names.clear()
+        grad_args = tuple(a.detach().requires_grad_() if a.is_floating_point() else a for a in args)
+        out = public(*grad_args)
+        assert calls.names, f"{case} with an input that needs a gradient must run the custom op (its autograd)"
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+    finally:
+        kernels.set_backend(None)
+    calls.names.clear()
+    kernels.set_backend("triton")
+    try:
+        with torch.no_grad():
+            public(*args)
+        assert calls.names, f"{case} on the Triton backend must run the custom op"
+    finally:
+        kernels.set_backend(None)

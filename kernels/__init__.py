@@ -23,7 +23,7 @@ import torch
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.moeflow.*)
 from . import reference as ref
-from .backend import BackendUnavailableError, get_backend, resolve, set_backend
+from .backend import BackendUnavailableError, get_backend, reference_without_lookup, resolve, set_backend
 from .reference import MoeRouting, rope_cos_sin, rope_inv_freq
 
 _op = torch.ops.moeflow
@@ -67,21 +67,25 @@ def _needs_grad(t: torch.Tensor) -> bool:
 
 
 def _direct(op: str, *ts: torch.Tensor | None) -> bool:
-    """Whether to call the torch reference itself rather than the custom op: in eager mode (not while
-    ``torch.compile`` traces), with no gradient to record and no autocast, when the reference is the
-    backend for ``op``.
+    """Whether to call the torch reference itself rather than the custom op: with no gradient to record and
+    no autocast, when the reference is the backend for ``op``.
 
-    The custom op adds ~40-60 us of Python dispatch a call (measured on CPU, 1 thread: ``rms_norm`` of
-    8 x 256 values 90 us through the op against 28 us directly), more than the op itself while decoding;
-    the op's torch branch calls the same reference, so the results are the same bits. (Autocast would
-    reach the reference's inner ops but not the custom op, hence it keeps the op.)
+    Eager, the custom op adds ~40-60 us of Python dispatch a call (measured on CPU, 1 thread: ``rms_norm``
+    of 8 x 256 values 90 us through the op against 28 us directly), more than the op itself while
+    decoding; the op's torch branch calls the same reference, so the results are the same bits. Under
+    ``torch.compile`` the reference's plain torch ops are what inductor can fuse with their neighbours,
+    where the op is an opaque call (a compiled decoding step: ``generate(..., compile=True)``). With a
+    gradient to record, the op runs (its backward formula). Autocast would reach the reference's inner ops
+    but not the custom op, hence it keeps the op.
     """
-    if torch.compiler.is_compiling():
-        return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts):
         return False
     device = ts[0].device
-    return not torch.is_autocast_enabled(device.type) and resolve(device, op) == "torch"
+    if torch.is_autocast_enabled(device.type):
+        return False
+    if torch.compiler.is_compiling():
+        return reference_without_lookup(device)
+    return resolve(device, op) == "torch"
 
 
 def _same_device(*named: tuple[str, torch.Tensor]) -> torch.device:
@@ -333,7 +337,11 @@ def moe_ffn(
     _same_device(("x", x), ("topk_idx", topk_idx), ("topk_weight", topk_weight), ("w_gate", w_gate),
                  ("w_up", w_up), ("w_down", w_down))
     if _direct("moe_ffn", x, topk_weight, w_gate, w_up, w_down):
-        return ref.moe.ffn_fwd(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+        if not torch.compiler.is_compiling():
+            return ref.moe.ffn_fwd(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+        if ref.moe.gathered_pays(T, topk_idx.shape[1], w_gate):  # decode-sized batches
+            return ref.moe.ffn_gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+        return ref.moe.ffn_fwd(x, topk_idx, topk_weight, w_gate, w_up, w_down, _op.grouped_swiglu_mlp)
     routing = moe_routing(topk_idx, E)
     y_perm = _op.grouped_swiglu_mlp(_op.moe_permute(x, routing.rows, routing.row_slot), w_gate, w_up, w_down,
                                     routing.offsets)[0]

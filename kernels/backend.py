@@ -87,6 +87,8 @@ def _import_triton(required: bool) -> bool:
 
 
 def _log_once(device_type: str, backend: str, reason: str) -> None:
+    if torch.compiler.is_compiling():  # logging would break a torch.compile graph; eager calls log it
+        return
     if (device_type, backend) not in _logged:
         _logged.add((device_type, backend))
         log.info("moeflow kernels: %s backend on %s (%s)", backend, device_type, reason)
@@ -136,6 +138,13 @@ def resolve(device: torch.device, op: str = "", needs_fp8: bool = False) -> str:
         return "torch"
     _log_once(dtype, "triton", "auto: CUDA tensors and triton imports")
     return "triton"
+
+
+def reference_without_lookup(device: torch.device) -> bool:
+    """Whether ``resolve(device)`` is certainly ``"torch"``, decided from the setting and the device alone
+    (no import, no logging: safe while ``torch.compile`` traces). ``auto`` on CUDA counts as Triton."""
+    name = get_backend()
+    return name == "torch" or (name == "auto" and device.type != "cuda")
 
 
 def triton_op(name: str) -> ModuleType:

@@ -46,6 +46,9 @@ class LatentCache:
     latents: list[torch.Tensor]
     valid: torch.Tensor
     length: int = 0
+    # Static decoding (``CausalLM.decode_step``): the new token's position as a (1,) int64 tensor; each
+    # step writes there and attends over the whole buffer under a mask, so no shape depends on the length.
+    pos: torch.Tensor | None = None
 
     @classmethod
     def allocate(
@@ -124,11 +127,15 @@ class MLAttention(nn.Module):
         q_rot_BHTr = kernels.apply_rope(q_rot_BHTr, cos, sin)
         c_BTR, k_rot_BTr = self._latent(x_BTD, cos, sin)
 
+        if cache is not None and cache.pos is not None:  # static decoding: one token at position cache.pos
+            cache.latents[layer].index_copy_(1, cache.pos, torch.cat([c_BTR, k_rot_BTr], dim=-1))
+            return self._absorbed(q_nope_BHTn, q_rot_BHTr, cache, layer, cache.max_len, cache.pos)
         if cache is not None:
             L = cache.length
             cache.latents[layer][:, L:L + T] = torch.cat([c_BTR, k_rot_BTr], dim=-1)
             if L > 0:
-                return self._absorbed(q_nope_BHTn, q_rot_BHTr, cache, layer, L + T)
+                pos_T = torch.arange(L, L + T, device=x_BTD.device)
+                return self._absorbed(q_nope_BHTn, q_rot_BHTr, cache, layer, L + T, pos_T)
             valid_BT = cache.valid[:, :T]
             causal_TT = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()
             # A padding query may see only itself (never an all-masked row); real queries never see padding.
@@ -147,8 +154,10 @@ class MLAttention(nn.Module):
         return self.o_proj(o_BHTv.transpose(1, 2).reshape(B, T, self.n_heads * self.dv))
 
     def _absorbed(
-        self, q_nope_BHTn: torch.Tensor, q_rot_BHTr: torch.Tensor, cache: LatentCache, layer: int, S: int
+        self, q_nope_BHTn: torch.Tensor, q_rot_BHTr: torch.Tensor, cache: LatentCache, layer: int, S: int,
+        pos_T: torch.Tensor,
     ) -> torch.Tensor:
+        """The T queries (at positions pos_T) against the first S cached latents."""
         B, H, T, _ = q_nope_BHTn.shape
         w_HeR = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.rank)
         w_uk_HnR, w_uv_HvR = w_HeR.split([self.dn, self.dv], dim=1)
@@ -156,8 +165,6 @@ class MLAttention(nn.Module):
         q_BMW = torch.cat([q_lat_BHTR, q_rot_BHTr], dim=-1).flatten(1, 2)  # M = H*T queries, W = R + Dr
         lat_BSW = cache.latents[layer][:, :S]
         scores_BHTS = torch.bmm(q_BMW, lat_BSW.transpose(1, 2)).view(B, H, T, S).float() * self.scale
-        L = S - T
-        pos_T = torch.arange(L, S, device=scores_BHTS.device)
         allowed_BTS = cache.valid[:, None, :S] & (torch.arange(S, device=pos_T.device)[None, :] <= pos_T[:, None])
         scores_BHTS = scores_BHTS.masked_fill(~allowed_BTS[:, None], float("-inf"))
         p_BMS = scores_BHTS.softmax(-1).to(lat_BSW.dtype).flatten(1, 2)

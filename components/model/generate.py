@@ -25,6 +25,8 @@ import torch
 
 from .model import CausalLM
 
+STATIC_LEN_MULTIPLE = 64  # compiled decoding: cache lengths are rounded up to this (one graph per multiple)
+
 
 @dataclass
 class GenerationResult:
@@ -107,6 +109,7 @@ def generate(
     seed: int | None = None,
     num_samples: int = 1,
     with_entropy: bool = False,
+    compile: bool = False,
 ) -> list[GenerationResult]:
     """Sample ``num_samples`` continuations of every prompt; results are prompt-major
     (``results[p * num_samples + s]``).
@@ -114,6 +117,13 @@ def generate(
     eos_token_id: None = the model config's eos ids; ``()`` = none. A sequence stops at an eos or stop
     token, or once its decoded text contains a stop string (needs ``tokenizer`` with ``decode``), else
     after ``max_new_tokens`` (finish_reason "length").
+
+    compile: run every step after the prefill as one ``torch.compile`` graph (``CausalLM.decode_step``
+    on a static cache, its length rounded up to a multiple of ``STATIC_LEN_MULTIPLE``; see
+    ``components.model.compile.compiled_decode_step``). The first call for a batch size and rounded
+    length compiles (seconds); finished sequences stay in the batch, which keeps its shape, and their
+    rows' tokens are dropped. The same tokens as eager up to fp32 rounding (fused kernels sum in
+    another order, so a near-tie may flip a token).
     """
     _check_args(prompts, max_new_tokens, temperature, top_p, top_k, num_samples, stop_strings, tokenizer)
     cfg = model.cfg
@@ -136,7 +146,10 @@ def generate(
     try:
         n_prompts = len(prompts)
         ids_BP = torch.zeros(n_prompts, P, dtype=torch.long, device=device)
-        cache = model.allocate_cache(n_prompts, P + max_new_tokens, dtype=dtype, device=device)
+        S = P + max_new_tokens
+        if compile:  # one graph serves every length up to the next multiple
+            S = -(-S // STATIC_LEN_MULTIPLE) * STATIC_LEN_MULTIPLE
+        cache = model.allocate_cache(n_prompts, S, dtype=dtype, device=device)
         for b, p in enumerate(prompts):
             ids_BP[b, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
             cache.valid[b, P - len(p):P] = True
@@ -149,9 +162,18 @@ def generate(
         logprobs: list[list[float]] = [[] for _ in range(n)]
         entropies: list[list[float]] = [[] for _ in range(n)]
         finish: list[tuple[str, str | int | None]] = [("length", None)] * n
-        live = list(range(n))  # batch row i of the cache holds sequence live[i]
+        live = list(range(n))  # eager: batch row i of the cache holds sequence live[i]; compiled: row s holds s
+        step_fn = None
+        if compile:
+            from .compile import compiled_decode_step
+
+            model._rope(0, cache.max_len, device)  # decode_step reads the tables; build them eagerly
+            cache.pos = torch.zeros(1, dtype=torch.long, device=device)
+            step_fn = compiled_decode_step(model)
         max_stop_len = max((len(s) for s in stop_strings), default=0)
         for step in range(max_new_tokens):
+            if step_fn is not None and len(live) < n:  # sample the live rows only, as eager does
+                logits_BV = logits_BV.index_select(0, torch.tensor(live, device=device))
             tok_B, lp_B, ent_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
                                              generator=generator, with_entropy=with_entropy)
             if ent_B is not None:
@@ -162,23 +184,30 @@ def generate(
                 seq = live[i]
                 tokens[seq].append(t)
                 logprobs[seq].append(lp)
-                if t in stop_ids:
-                    finish[seq] = ("stop", t)
-                    continue
-                if max_stop_len:
+                stop = t if t in stop_ids else None
+                if stop is None and max_stop_len:
                     tail = tokenizer.decode(tokens[seq][-(max_stop_len + 4):])
-                    hit = next((s for s in stop_strings if s in tail), None)
-                    if hit is not None:
-                        finish[seq] = ("stop", hit)
-                        continue
+                    stop = next((s for s in stop_strings if s in tail), None)
+                if stop is not None:
+                    finish[seq] = ("stop", stop)
+                    continue
                 keep.append(i)
             if not keep or step == max_new_tokens - 1:
                 break
+            cache.valid[:, cache.length] = True
+            if step_fn is not None:  # every row runs (a fixed shape); finished ones are fed token 0, unread
+                if len(live) < n:
+                    tok_B = torch.zeros(n, dtype=tok_B.dtype, device=device).index_copy_(
+                        0, torch.tensor(live, device=device), tok_B)
+                live = [live[i] for i in keep]
+                cache.pos.fill_(cache.length)
+                logits_BV = step_fn(model, tok_B[:, None], cache)
+                cache.length += 1
+                continue
             if len(keep) < len(live):
                 idx = torch.tensor(keep, device=device)
                 cache, tok_B = cache.select(idx), tok_B[idx]
                 live = [live[i] for i in keep]
-            cache.valid[:, cache.length] = True
             logits_BV = model.forward_cached(tok_B[:, None], cache)
     finally:
         model.train(was_training)

@@ -42,6 +42,7 @@ class KVCache:
     values: list[torch.Tensor]
     valid: torch.Tensor
     length: int = 0
+    pos: torch.Tensor | None = None  # static decoding's position (as ``LatentCache.pos``)
 
     @classmethod
     def allocate(
@@ -101,13 +102,18 @@ class GQAttention(nn.Module):
         mask_B1TS = None
         causal = True
         if cache is not None:
-            L, S = cache.length, cache.length + T
-            cache.keys[layer][:, :, L:S] = k_BKTd
-            cache.values[layer][:, :, L:S] = v_BKTd
+            static = cache.pos is not None  # static decoding: one token at position cache.pos, whole buffer
+            L, S = (None, cache.max_len) if static else (cache.length, cache.length + T)
+            if static:
+                cache.keys[layer].index_copy_(2, cache.pos, k_BKTd)
+                cache.values[layer].index_copy_(2, cache.pos, v_BKTd)
+            else:
+                cache.keys[layer][:, :, L:S] = k_BKTd
+                cache.values[layer][:, :, L:S] = v_BKTd
             k_BKTd, v_BKTd = cache.keys[layer][:, :, :S], cache.values[layer][:, :, :S]
             valid_BS = cache.valid[:, :S]
-            if L > 0 or not bool(valid_BS.all()):
-                pos_T = torch.arange(L, S, device=x_BTD.device)
+            if static or L > 0 or not bool(valid_BS.all()):
+                pos_T = cache.pos if static else torch.arange(L, S, device=x_BTD.device)
                 pos_S = torch.arange(S, device=x_BTD.device)
                 causal_TS = pos_S[None, :] <= pos_T[:, None]
                 # A padding query may see only itself (never an all-masked row); real ones never see padding.

@@ -114,7 +114,9 @@ class CausalLM(nn.Module):
                 f"{self.cfg.max_position_embeddings}; shorten the input or raise max_position_embeddings"
             )
         cos, sin = self._rope(start, T, input_ids_BT.device)
-        h_BTD = self.embed_tokens(input_ids_BT)
+        return self._blocks(self.embed_tokens(input_ids_BT), cos, sin, cache)
+
+    def _blocks(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any):
         aux_total = None
         for i, block in enumerate(self.layers):
             h_BTD, aux = block(h_BTD, cos, sin, cache, i)
@@ -148,6 +150,19 @@ class CausalLM(nn.Module):
         if last_only:
             h_BTD = h_BTD[:, -1]
         return F.linear(self.norm(h_BTD), self.output_weight())
+
+    def decode_step(self, input_ids_B1: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One new token per row at position ``cache.pos`` (a (1,) int64 tensor) -> logits (B, V).
+
+        Static decoding: every shape follows from the cache's allocation (each attention writes at
+        ``cache.pos`` and attends over the whole buffer under a mask), so ``torch.compile`` traces one graph
+        for a whole generation (``generate(..., compile=True)``). The caller sets ``cache.valid`` at the
+        position and advances it; the RoPE tables must already cover the buffer (``_rope(0, max_len)``).
+        """
+        cos_P, sin_P = self._rope_tables[input_ids_B1.device]
+        cos, sin = cos_P.index_select(0, cache.pos), sin_P.index_select(0, cache.pos)
+        h_B1D, _ = self._blocks(self.embed_tokens(input_ids_B1), cos, sin, cache)
+        return F.linear(self.norm(h_B1D[:, -1]), self.output_weight())
 
     def hidden_states_cached(self, input_ids_BT: torch.Tensor, cache: Any) -> torch.Tensor:
         """``forward_cached``'s trunk for every new position: -> (B, T, D) hidden states after the final norm.

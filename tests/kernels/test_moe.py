@@ -37,6 +37,25 @@ def _run(fn, x, idx, w, ws, g):
     return [out, *torch.autograd.grad(out, (x, w, *ws), g.to(out.dtype))]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("skew", [False, True], ids=["balanced", "skewed"])
+def test_no_gradient_forms_match_the_per_expert_loop(seed, skew, dtype):
+    """The two forms compiled decoding traces: ``ffn_fwd`` (the ops' arithmetic; the same bits as the
+    grouped ops) and ``ffn_gathered`` (one GEMV per routed row, what inductor fuses for small batches)."""
+    T, K, E, D, I = 13, 3, 8, 24, 10
+    x, idx, w, ws = (t.detach() if isinstance(t, torch.Tensor) else [v.detach() for v in t]
+                     for t in _problem(T, K, E, D, I, dtype, skew))
+    with torch.no_grad():
+        want = ref.moe_ffn_loop(x, idx, w, *ws)
+        fwd, gathered = ref.moe.ffn_fwd(x, idx, w, *ws), ref.moe.ffn_gathered(x, idx, w, *ws)
+        routing = ref.moe_routing(idx, E)
+        y = ref.moe.swiglu_mlp_fwd(ref.moe.permute_fwd(x, routing.row_slot, K), *ws, routing.offsets)[0]
+        assert torch.equal(fwd, ref.moe.combine_fwd(y, routing.rows, w)), "ffn_fwd must be the ops' bits"
+        oracle = None if dtype == torch.float32 else [ref.moe_ffn_loop(x.float(), idx, w, *(v.float() for v in ws))]
+    check_outputs(["ffn_fwd"], [fwd], [want], TOL[dtype], oracle)
+    check_outputs(["ffn_gathered"], [gathered], [want], TOL[dtype], oracle)
+
+
 @pytest.mark.parametrize("skew", [False, True], ids=["balanced", "skewed"])
 def test_reference_matches_per_expert_loop(seed, skew):
     T, K, E, D, I = 41, 3, 8, 24, 10

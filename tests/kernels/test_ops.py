@@ -196,3 +196,25 @@ def test_eager_calls_without_gradient_skip_the_op_dispatch_with_the_same_bits(se
         assert calls.names, f"{case} on the Triton backend must run the custom op"
     finally:
         kernels.set_backend(None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_traced_without_gradient_the_ops_stay_on_triton_and_become_references_on_torch(backend):
+    """torch.compile with no gradient: the torch backend traces the references (inductor fuses them), the
+    Triton backend keeps its kernels as custom ops."""
+    x, w = torch.randn(4, 16), torch.randn(16)
+    seen: set[str] = set()
+
+    def capture(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    kernels.set_backend(backend)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(lambda a, b: kernels.rms_norm(a, b, 1e-6), backend=capture, fullgraph=True)(x, w)
+    finally:
+        kernels.set_backend(None)
+        torch._dynamo.reset()
+    assert any(t.startswith("moeflow.rms_norm") for t in seen) == (backend == "triton"), seen

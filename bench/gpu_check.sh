@@ -4,7 +4,7 @@
 # 1. the kernel tests, compiled (not interpreted), on the GPU: every op's opcheck (torch.library custom
 #    ops: fake implementations against the kernels), the unpadded MoE (idle experts, one busy expert);
 # 2. copy bandwidth, bf16 / FP8 GEMM peaks and the GPU goals (one table, bench/gpu_check.py),
-#    the MoE layer with one busy expert, and the compiled (inductor) training step against eager;
+#    the MoE layer with one busy expert, the compiled (inductor) training step and decoding against eager;
 # 3. every op against torch eager, torch.compile and Liger-Kernel (if importable or pip-installable),
 #    table in bench/results/kernels_cuda.md;
 # 4. expert parallelism over NCCL (needs >= 2 GPUs, one process each): the same model at EP 1/2/4/8 in fp32

@@ -7,9 +7,10 @@ torch reference elsewhere; ``set_backend`` / ``MOEFLOW_KERNEL_BACKEND`` force ei
 ``torch.compile(fullgraph=True)`` traces through every op without a graph break. Triton itself is
 imported only when the Triton backend is used, so ``TRITON_INTERPRET`` may be set any time before that.
 
-Eager calls that record no gradient on the torch reference backend (decoding, evaluation, rollouts) run
-the reference directly instead of the custom op (``_direct``): the same functions, hence the same bits,
-without the op's Python dispatch, which costs more than the op itself on decode-sized tensors.
+Calls that record no gradient on the torch reference backend (decoding, evaluation, rollouts) run the
+reference directly instead of the custom op (``_direct``): eager, the same functions, hence the same bits,
+without the op's Python dispatch, which costs more than the op itself on decode-sized tensors; under
+``torch.compile``, plain torch ops that inductor fuses (``generate(..., compile=True)``).
 
 Ops: ``rms_norm``, ``swiglu``, ``apply_rope`` (+ ``rope_cos_sin``), ``fused_linear_cross_entropy``,
 ``fused_linear_distill_loss``, ``distill_loss``, ``moe_ffn`` (+ ``moe_routing``, ``moe_permute``,

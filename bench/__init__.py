@@ -4,5 +4,6 @@ each has a ``main(argv)`` and writes its tables under ``bench/results/``."""
 MODULES = [
     "bench.kernels",
     "bench.model",
+    "bench.moe_decode",
     "bench.prep",
 ]

@@ -210,13 +210,13 @@ def ffn_gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down):
 
 def gathered_pays(T: int, K: int, w_gate: torch.Tensor) -> bool:
     """Whether compiled ``ffn_gathered`` beats the grouped GEMMs for T tokens: at most one routed row per
-    expert on average (it then reads no more weight bytes), or up to 8 when one expert's weights fit a
-    core's L2 (256 KiB), where rereading them is cheap. Measured on CPU, 1 thread, inductor: 64 experts of
-    3 x 64 x 256 (196 KiB): 377 vs 1353 us at 0.75 rows per expert, 2308 vs 3737 at 6, 3284 vs 3875 at
-    12; 16 of 3 x 64 x 128: 325 vs 714 us at 8, 555 vs 749 at 16, 1037 vs 965 at 32."""
+    expert on average (it then reads no more weight bytes than they do), or up to 16 when one expert's
+    weights fit a core's L2 (256 KiB), where rereading them is cheap. ``python -m bench.moe_decode``
+    (``bench/results/moe_decode_cpu.md``) times both forms: on its CPU, gathered is faster up to 16 rows per
+    expert at 1 and 2 threads, and the two are level or gathered slower at 24-32 on 1 thread."""
     E, I, D = w_gate.shape
     rows_per_expert = T * K / E
-    return rows_per_expert <= 1 or (rows_per_expert <= 8 and 3 * I * D * w_gate.element_size() <= 256 * 1024)
+    return rows_per_expert <= 1 or (rows_per_expert <= 16 and 3 * I * D * w_gate.element_size() <= 256 * 1024)
 
 
 # ------------------------------------------------------------------ differentiable reference API

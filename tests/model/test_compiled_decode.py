@@ -111,7 +111,7 @@ def test_traced_without_gradient_the_kernels_are_their_torch_references(kit):
     model = _moe(kit)
     moe = model.layers[1].mlp
     assert isinstance(moe.experts.w_gate, torch.nn.Parameter)
-    few, many = torch.randn(1, 2, model.cfg.hidden_size), torch.randn(1, 40, model.cfg.hidden_size)
+    few, many = torch.randn(1, 2, model.cfg.hidden_size), torch.randn(1, 64, model.cfg.hidden_size)  # 24 rows/expert
     assert _traced_ops(lambda x: moe(x)[0], few) == set()
     assert _traced_ops(lambda x: moe(x)[0], many) == {"grouped_swiglu_mlp"}
     block = model.layers[1]

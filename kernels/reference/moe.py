@@ -212,8 +212,8 @@ def gathered_pays(T: int, K: int, w_gate: torch.Tensor) -> bool:
     """Whether compiled ``ffn_gathered`` beats the grouped GEMMs for T tokens: at most one routed row per
     expert on average (it then reads no more weight bytes than they do), or up to 16 when one expert's
     weights fit a core's L2 (256 KiB), where rereading them is cheap. ``python -m bench.moe_decode``
-    (``bench/results/moe_decode_cpu.md``) times both forms: on its CPU, gathered is faster up to 16 rows per
-    expert at 1 and 2 threads, and the two are level or gathered slower at 24-32 on 1 thread."""
+    (``bench/results/moe_decode_cpu.md``) times both forms: on its CPU gathered was faster up to 16 rows per
+    expert at 1 and 2 threads (1.15x and up), and 0.84-1.12x across runs at 24-32 rows on 1 thread."""
     E, I, D = w_gate.shape
     rows_per_expert = T * K / E
     return rows_per_expert <= 1 or (rows_per_expert <= 16 and 3 * I * D * w_gate.element_size() <= 256 * 1024)

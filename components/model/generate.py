@@ -121,9 +121,9 @@ def generate(
     compile: run every step after the prefill as one ``torch.compile`` graph (``CausalLM.decode_step``
     on a static cache, its length rounded up to a multiple of ``STATIC_LEN_MULTIPLE``; see
     ``components.model.compile.compiled_decode_step``). The first call for a batch size and rounded
-    length compiles (seconds); finished sequences stay in the batch, which keeps its shape, and their
-    rows' tokens are dropped. The same tokens as eager up to fp32 rounding (fused kernels sum in
-    another order, so a near-tie may flip a token).
+    length compiles (seconds); finished sequences stay in the batch, which keeps its shape, but only the
+    live rows are sampled, so a seed draws what eager draws. The same tokens as eager up to fp32 rounding
+    (fused kernels sum in another order, so a near-tie may flip a token).
     """
     _check_args(prompts, max_new_tokens, temperature, top_p, top_k, num_samples, stop_strings, tokenizer)
     cfg = model.cfg
@@ -163,6 +163,7 @@ def generate(
         entropies: list[list[float]] = [[] for _ in range(n)]
         finish: list[tuple[str, str | int | None]] = [("length", None)] * n
         live = list(range(n))  # eager: batch row i of the cache holds sequence live[i]; compiled: row s holds s
+        live_rows = None  # compiled, once a sequence has finished: live as a tensor (the rows to sample)
         step_fn = None
         if compile:
             from .compile import compiled_decode_step
@@ -172,8 +173,8 @@ def generate(
             step_fn = compiled_decode_step(model)
         max_stop_len = max((len(s) for s in stop_strings), default=0)
         for step in range(max_new_tokens):
-            if step_fn is not None and len(live) < n:  # sample the live rows only, as eager does
-                logits_BV = logits_BV.index_select(0, torch.tensor(live, device=device))
+            if live_rows is not None:  # sample the live rows only, as eager does
+                logits_BV = logits_BV.index_select(0, live_rows)
             tok_B, lp_B, ent_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
                                              generator=generator, with_entropy=with_entropy)
             if ent_B is not None:
@@ -196,10 +197,11 @@ def generate(
                 break
             cache.valid[:, cache.length] = True
             if step_fn is not None:  # every row runs (a fixed shape); finished ones are fed token 0, unread
-                if len(live) < n:
-                    tok_B = torch.zeros(n, dtype=tok_B.dtype, device=device).index_copy_(
-                        0, torch.tensor(live, device=device), tok_B)
-                live = [live[i] for i in keep]
+                if live_rows is not None:
+                    tok_B = torch.zeros(n, dtype=tok_B.dtype, device=device).index_copy_(0, live_rows, tok_B)
+                if len(keep) < len(live):
+                    live = [live[i] for i in keep]
+                    live_rows = torch.tensor(live, device=device)
                 cache.pos.fill_(cache.length)
                 logits_BV = step_fn(model, tok_B[:, None], cache)
                 cache.length += 1

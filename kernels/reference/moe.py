@@ -129,8 +129,12 @@ def permute_bwd(dx_perm: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def combine_fwd(y_perm: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_k w[t,k] y[rows[t,k]] (fp32 accumulation, slot order), in y's dtype."""
     T, K = rows.shape
-    y_tk = y_perm.index_select(0, rows.reshape(-1)).view(T, K, -1)
-    return (weight.float().unsqueeze(-1) * y_tk).sum(1).to(y_perm.dtype)
+    return _weighted_slots(y_perm.index_select(0, rows.reshape(-1)).view(T, K, -1), weight)
+
+
+def _weighted_slots(y_TKD: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_k w[t,k] y[t,k] over the slots in order, accumulated in fp32, in y's dtype."""
+    return (weight.float().unsqueeze(-1) * y_TKD).sum(1).to(y_TKD.dtype)
 
 
 def combine_bwd(dout, y_perm, rows, row_slot, weight, need_dy: bool = True, need_dw: bool = True):
@@ -186,8 +190,7 @@ def ffn_fwd(x, topk_idx, topk_weight, w_gate, w_up, w_down, mlp=None):
         0, flat, torch.ones_like(flat))
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     y = (mlp or swiglu_mlp_fwd)(permute_fwd(x, order, K), w_gate, w_up, w_down, offsets)[0]
-    y_TKD = torch.empty_like(y).index_copy_(0, order, y).view(T, K, -1)  # slot order: combine_fwd's gather
-    return (topk_weight.float().unsqueeze(-1) * y_TKD).sum(1).to(y.dtype)
+    return _weighted_slots(torch.empty_like(y).index_copy_(0, order, y).view(T, K, -1), topk_weight)  # slot order
 
 
 def ffn_gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down):
@@ -205,7 +208,7 @@ def ffn_gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down):
     u_AI = (x_AD[:, None, :] * w_up[e_A].float()).sum(-1).to(x.dtype)
     h_AI = (F.silu(g_AI) * u_AI).float()
     y_TKD = (h_AI[:, None, :] * w_down[e_A].float()).sum(-1).to(x.dtype).view(T, K, -1)
-    return (topk_weight.float().unsqueeze(-1) * y_TKD).sum(1).to(x.dtype)
+    return _weighted_slots(y_TKD, topk_weight)
 
 
 def gathered_pays(T: int, K: int, w_gate: torch.Tensor) -> bool:

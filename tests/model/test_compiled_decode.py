@@ -87,8 +87,8 @@ def test_decode_step_is_one_graph_on_a_static_cache(model):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
-def _traced_ops(fn, *args) -> set[str]:
-    """The ``moeflow::`` ops left in the graph torch.compile traces from fn(*args) (no gradient)."""
+def _traced_ops(fn, *args, grad: bool = False) -> set[str]:
+    """The ``moeflow::`` ops left in the graph torch.compile traces from fn(*args) (with gradients on or off)."""
     seen: set[str] = set()
 
     def capture(gm, example_inputs):
@@ -98,7 +98,7 @@ def _traced_ops(fn, *args) -> set[str]:
         return gm.forward
 
     torch._dynamo.reset()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         torch.compile(fn, backend=capture, fullgraph=True)(*args)
     torch._dynamo.reset()
     return seen
@@ -117,17 +117,8 @@ def test_traced_without_gradient_the_kernels_are_their_torch_references(kit):
     block = model.layers[1]
     cos, sin = model._rope(0, 2, few.device)
     assert _traced_ops(lambda x: block(x, cos, sin)[0], few) == set()
-    seen: set[str] = set()
-
-    def capture(gm, example_inputs):
-        seen.update(str(n.target).split(".")[1] for n in gm.graph.nodes
-                    if n.op == "call_function" and str(n.target).startswith("moeflow."))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(lambda x: block(x, cos, sin)[0], backend=capture, fullgraph=True)(few)
-    torch._dynamo.reset()
-    assert {"rms_norm", "apply_rope", "moe_permute", "grouped_swiglu_mlp", "moe_combine"} <= seen
+    with_grad = _traced_ops(lambda x: block(x, cos, sin)[0], few, grad=True)
+    assert {"rms_norm", "apply_rope", "moe_permute", "grouped_swiglu_mlp", "moe_combine"} <= with_grad
 
 
 def test_inductor_compiled_decoding_equals_eager(kit, monkeypatch):
